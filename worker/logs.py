@@ -1,0 +1,52 @@
+"""Structured logs: one JSON line per outcome, with stable keys.
+
+Each item at each stage produces exactly one outcome line (`stage`, `outcome`, and the ids
+that locate it: `feed_id`, `article_id`, `url`), so operators can count and grep them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_LOG = logging.getLogger("talkwire")
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a log record as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format the record and its extra fields as JSON."""
+        payload: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send talkwire's logs to stderr as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    _LOG.handlers[:] = [handler]
+    _LOG.setLevel(level)
+    _LOG.propagate = False
+
+
+def log_outcome(stage: str, outcome: str, *, started: float | None = None, **keys: object) -> None:
+    """Log the single outcome of one item at one stage."""
+    fields: dict[str, object] = {"stage": stage, "outcome": outcome, **keys}
+    if started is not None:
+        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    level = logging.WARNING if outcome in {"failed", "retry"} else logging.INFO
+    _LOG.log(level, f"{stage} {outcome}", extra=fields)
