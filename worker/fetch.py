@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -57,7 +57,7 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
     def run() -> None:
         try:
             box.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except Exception as exc:  # handed back to the caller below
+        except (OSError, ValueError) as exc:  # gaierror, or a name IDNA cannot encode
             box.append(exc)
 
     thread = threading.Thread(target=run, name="talkwire-dns", daemon=True)
@@ -65,9 +65,10 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
     thread.join(timeout)
     if not box:
         raise Transient("timeout", f"resolving {host} outlived the deadline")
-    if isinstance(box[0], Exception) or not box[0]:
-        raise Transient("dns_error", f"{host}: {box[0] or 'no addresses'}")
-    return box[0]
+    answers = box[0]
+    if isinstance(answers, Exception) or not answers:
+        raise Transient("dns_error", f"{host}: {answers or 'no addresses'}")
+    return list(answers)
 
 
 def check_url(
@@ -168,7 +169,7 @@ class _Decoder:
             deflate = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in self._coding else deflate)
         try:
-            out = self._z.decompress(data, budget)
+            out: bytes = self._z.decompress(data, budget)
             while self._z.unconsumed_tail and len(out) < budget:
                 out += self._z.decompress(self._z.unconsumed_tail, budget - len(out))
             return out
@@ -177,7 +178,7 @@ class _Decoder:
 
     def flush(self) -> bytes:
         """Return what the decompressor still holds once the input is exhausted."""
-        return self._z.flush() if self._z is not None else b""
+        return bytes(self._z.flush()) if self._z is not None else b""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -189,8 +190,8 @@ def _retry_after(value: str | None) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _raise_for_status(response: httpx.Response, url: str) -> None:

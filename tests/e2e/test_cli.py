@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,11 @@ def test_ping_sees_a_running_worker(run_env: dict[str, str],
 
 
 def test_flower_serves_its_healthcheck(run_env: dict[str, str]) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "flower", "--port=0"],
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "flower", "--address=127.0.0.1",
+                             f"--port={free_port}"],
                             env=os.environ.copy(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -115,8 +120,15 @@ def test_flower_serves_its_healthcheck(run_env: dict[str, str]) -> None:
             if "Visit me at" in line:
                 port = int(line.rsplit(":", 1)[1].strip().strip("/"))
         assert port, "flower did not start"
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck",
-                                                timeout=2).read() == b"OK", 30, "flower health")
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as r:
+                    return r.read() == b"OK"
+            except OSError:
+                return False
+
+        wait_for(healthy, 30, "flower health")
     finally:
         proc.terminate()
         proc.wait(timeout=20)

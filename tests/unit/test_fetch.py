@@ -13,10 +13,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,7 +43,7 @@ class Hostile(BaseHTTPRequestHandler):
     """One route per misbehaviour; the route is the request path."""
 
     protocol_version = "HTTP/1.1"
-    routes: dict[str, Callable[[Hostile], None]] = {}
+    routes: ClassVar[dict[str, Callable[[Hostile], None]]] = {}
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep test output quiet."""
@@ -74,7 +75,7 @@ class Hostile(BaseHTTPRequestHandler):
     @property
     def base(self) -> str:
         """This server's own origin."""
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.connection.getsockname()[1]}"
 
 
 def route(path: str) -> Callable[[Callable[[Hostile], None]], Callable[[Hostile], None]]:
@@ -249,7 +250,7 @@ def _silent(h: Hostile) -> None:
 @route("/status/")
 def _status(h: Hostile) -> None:
     code = int(h.path.rsplit("/", 1)[1])
-    in_two_minutes = datetime.now(timezone.utc) + timedelta(seconds=120)
+    in_two_minutes = datetime.now(UTC) + timedelta(seconds=120)
     headers = {"429": {"Retry-After": "7"},
                "503": {"Retry-After": format_datetime(in_two_minutes, usegmt=True)}}
     h.reply(code, b"status", headers.get(str(code), {}))
@@ -271,9 +272,9 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> li
     """Answer getaddrinfo for made-up names from `table`; returns the names asked for."""
     asked: list[str] = []
 
-    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
         if host not in table:
-            return REAL_GETADDRINFO(host, port, *args, **kwargs)  # type: ignore[arg-type]
+            return REAL_GETADDRINFO(host, port, *args, **kwargs)
         asked.append(host)
         if not table[host]:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -504,7 +505,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
     seen_sni: list[str] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)  # type: ignore
+    context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
