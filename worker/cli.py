@@ -242,6 +242,8 @@ def run(once: bool, timeout: float) -> None:
             table, _ = _counts_table(s, started)
             console.print(table)
         else:
+            # Beat's first tick comes one interval after it starts; claim what is due now.
+            tasks.claim_and_enqueue_due_feeds(ctx)
             _show_progress(ctx, children, started)
     except KeyboardInterrupt:
         err_console.print("stopping…")
