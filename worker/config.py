@@ -58,6 +58,21 @@ class Settings(BaseSettings):
     # Soft failures back off from this base up to poll_backoff_cap, and are retried forever.
     poll_backoff_base: int = Field(default=60, ge=1)
     poll_backoff_cap: int = Field(default=6 * 3600, ge=1)
+    # Each next poll is pushed later by up to this fraction of its interval, so feeds added
+    # together (an OPML import) drift apart instead of hitting their hosts in step.
+    poll_jitter: float = Field(default=0.1, ge=0, le=1)
+    # Send a GET without validators at least this often: some servers answer 304 although the
+    # feed changed (mediacloud/rss-fetcher saw it in the wild), and the body hash still saves
+    # the parse when they were right.
+    poll_full_fetch_every: int = Field(default=24 * 3600, ge=1)
+    poll_log_keep: int = Field(default=50, ge=1)  # poll log rows kept per feed
+    # Per-host politeness, shared by every worker through Redis: at most this many requests
+    # in flight to one host, and request starts at least this many seconds apart.
+    host_max_concurrent: int = Field(default=2, ge=1)
+    host_min_spacing: float = Field(default=1.0, ge=0)
+    # A poll that must wait longer than this for its host is re-scheduled through the
+    # database (beat claims it again) instead of a Celery countdown held by a worker.
+    host_max_wait: float = Field(default=60.0, gt=0)
     beat_interval: float = Field(default=30.0, gt=0)
     sweep_interval: float = Field(default=60.0, gt=0)
     # How long a claimed feed or article may stay in flight before the sweeper re-enqueues it.
@@ -115,6 +130,9 @@ class Settings(BaseSettings):
                 f"and the lease (now {self.visibility_timeout} <= {longest}); otherwise Redis "
                 "redelivers tasks that are still running"
             )
+        if self.host_max_wait + self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("TALKWIRE_HOST_MAX_WAIT plus the task time limit must stay below "
+                             "TALKWIRE_VISIBILITY_TIMEOUT; a deferred poll is held unacked")
         if not self.poll_interval_min <= self.poll_interval_default <= self.poll_interval_max:
             raise ValueError("poll intervals must satisfy MIN <= DEFAULT <= MAX")
         if self.db_pool_max < self.db_pool_min:

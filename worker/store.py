@@ -45,6 +45,61 @@ class FeedRow:
     claimed_at: datetime | None
     last_polled_at: datetime | None
     last_success_at: datetime | None
+    # Added by migration 0003 (feed polling); defaults keep older column lists readable.
+    site_url: str | None = None
+    host: str | None = None
+    poll_slot: int = 0
+    poll_started_at: datetime | None = None
+    last_full_fetch_at: datetime | None = None
+    ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class PollRow:
+    """One logged poll of a feed."""
+
+    id: int
+    feed_id: int
+    polled_at: datetime
+    outcome: str
+    http_status: int | None
+    reason: str | None
+    detail: str | None
+    conditional: bool
+    parsed: bool
+    entries: int
+    new_entries: int
+    bytes: int | None
+    duration_ms: int | None
+    next_poll_in: int | None
+    interval_reason: str | None
+
+
+@dataclass(frozen=True)
+class FeedSummary:
+    """A feed's line in `feeds list`: health, schedule and pace."""
+
+    id: int
+    status: str
+    url: str
+    title: str | None
+    host: str | None
+    interval_seconds: int
+    interval_reason: str
+    next_poll_at: datetime
+    last_success_at: datetime | None
+    consecutive_failures: int
+    last_reason: str | None
+    items_per_day: float
+
+
+@dataclass(frozen=True)
+class Sightings:
+    """What recording one parsed document's entries did."""
+
+    seen: int  # distinct entries in the document that have a link
+    new_entries: int  # entries this feed never carried before
+    new_article_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -105,16 +160,20 @@ def apply_migrations(conn: psycopg.Connection, directory: Path = MIGRATIONS_DIR)
 
 
 def add_feed(conn: psycopg.Connection, url: str, *, title: str | None = None,
-             source: str = "cli", interval_seconds: int = 900) -> FeedRow:
+             source: str = "cli", interval_seconds: int = 900,
+             site_url: str | None = None) -> FeedRow:
     """Insert a feed or return the existing one with that URL."""
     with conn.cursor(row_factory=class_row(FeedRow)) as cur:
         cur.execute(
-            "INSERT INTO feeds (url, title, source, interval_seconds) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (url) DO UPDATE SET title = COALESCE(feeds.title, EXCLUDED.title)"
+            "INSERT INTO feeds (url, title, source, interval_seconds, site_url)"
+            " VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (url) DO UPDATE SET title = COALESCE(feeds.title, EXCLUDED.title),"
+            "   site_url = COALESCE(feeds.site_url, EXCLUDED.site_url)"
             " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
-            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at",
-            (url, title, source, interval_seconds),
+            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
+            (url, title, source, interval_seconds, site_url),
         )
         row = cur.fetchone()
     assert row is not None
@@ -127,7 +186,8 @@ def list_feeds(conn: psycopg.Connection) -> list[FeedRow]:
         cur.execute(
             "SELECT id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
-            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at"
+            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds"
             " FROM feeds ORDER BY id"
         )
         return cur.fetchall()
@@ -139,7 +199,8 @@ def get_feed(conn: psycopg.Connection, feed_id: int) -> FeedRow | None:
         cur.execute(
             "SELECT id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
-            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at"
+            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds"
             " FROM feeds WHERE id = %s",
             (feed_id,),
         )
@@ -155,84 +216,271 @@ def make_feeds_due(conn: psycopg.Connection) -> int:
 def claim_due_feeds(conn: psycopg.Connection, *, limit: int, lease_seconds: int) -> list[FeedRow]:
     """Claim due active feeds; each is pushed a lease ahead so no other claimer takes it."""
     # SKIP LOCKED lets two beats (or a beat and `run --once`) claim disjoint sets; the lease in
-    # next_poll_at means a poll whose message is lost is claimed again once it expires.
+    # next_poll_at means a poll whose message is lost is claimed again once it expires. Each
+    # claim opens a new poll_slot, and only a message for the current slot may poll.
     with conn.cursor(row_factory=class_row(FeedRow)) as cur:
         cur.execute(
             "WITH due AS ("
             "  SELECT id FROM feeds WHERE status = 'active' AND next_poll_at <= now()"
             "  ORDER BY next_poll_at LIMIT %s FOR UPDATE SKIP LOCKED)"
             " UPDATE feeds f SET next_poll_at = now() + make_interval(secs => %s),"
-            "   claimed_at = now()"
+            "   claimed_at = now(), poll_slot = f.poll_slot + 1, poll_started_at = NULL"
             " FROM due WHERE f.id = due.id"
             " RETURNING f.id, f.url, f.title, f.source, f.status, f.etag, f.last_modified,"
             " f.body_hash, f.last_status, f.last_reason, f.last_error, f.consecutive_failures,"
             " f.interval_seconds, f.interval_reason, f.next_poll_at, f.claimed_at,"
-            " f.last_polled_at, f.last_success_at",
+            " f.last_polled_at, f.last_success_at, f.site_url, f.host, f.poll_slot,"
+            " f.poll_started_at, f.last_full_fetch_at, f.ttl_seconds",
             (limit, lease_seconds),
         )
         return cur.fetchall()
 
 
-def record_poll_success(conn: psycopg.Connection, feed_id: int, *, status: int,
-                        etag: str | None, last_modified: str | None, body_hash: str | None,
-                        title: str | None, interval_seconds: int, interval_reason: str,
-                        moved_to: str | None) -> None:
-    """Record a successful poll: validators, health reset, and the next poll time."""
-    conn.execute(
-        "UPDATE feeds SET last_status = %s, etag = COALESCE(%s, etag),"
-        " last_modified = COALESCE(%s, last_modified), body_hash = COALESCE(%s, body_hash),"
-        " title = COALESCE(title, %s), last_reason = NULL, last_error = NULL,"
-        " consecutive_failures = 0, interval_seconds = %s, interval_reason = %s,"
-        " next_poll_at = now() + make_interval(secs => %s), claimed_at = NULL,"
-        " last_polled_at = now(), last_success_at = now(),"
-        " url = CASE WHEN %s::text IS NULL OR EXISTS (SELECT 1 FROM feeds o WHERE o.url = %s::text)"
-        "        THEN url ELSE %s::text END"
-        " WHERE id = %s",
-        (status, etag, last_modified, body_hash, title, interval_seconds, interval_reason,
-         interval_seconds, moved_to, moved_to, moved_to, feed_id),
+def claim_feed(conn: psycopg.Connection, feed_id: int, *, lease_seconds: int,
+               take_over: bool = False) -> FeedRow | None:
+    """Claim one feed now, whatever its status; None if a live claim holds it (unless take_over)."""
+    # `feeds poll ID` takes over (the queued message then finds its slot gone); a message
+    # without a slot only claims a feed nobody holds.
+    with conn.cursor(row_factory=class_row(FeedRow)) as cur:
+        cur.execute(
+            "UPDATE feeds SET poll_slot = poll_slot + 1, claimed_at = now(),"
+            " poll_started_at = NULL, next_poll_at = now() + make_interval(secs => %s)"
+            " WHERE id = %s AND (%s OR claimed_at IS NULL OR next_poll_at <= now())"
+            " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
+            " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
+            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
+            (lease_seconds, feed_id, take_over),
+        )
+        return cur.fetchone()
+
+
+def begin_feed_poll(conn: psycopg.Connection, feed_id: int, *, slot: int,
+                    lease_seconds: int) -> FeedRow | None:
+    """Start the poll of a claimed slot; None if the slot is gone or already being polled."""
+    # The conditional UPDATE is what makes a redelivered message harmless: only one caller
+    # sees poll_started_at go from NULL to now for a given slot.
+    with conn.cursor(row_factory=class_row(FeedRow)) as cur:
+        cur.execute(
+            "UPDATE feeds SET poll_started_at = now(),"
+            " next_poll_at = now() + make_interval(secs => %s)"
+            " WHERE id = %s AND poll_slot = %s AND claimed_at IS NOT NULL"
+            "   AND poll_started_at IS NULL"
+            " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
+            " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
+            " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
+            (lease_seconds, feed_id, slot),
+        )
+        return cur.fetchone()
+
+
+def defer_feed_poll(conn: psycopg.Connection, feed_id: int, *, slot: int, delay: float,
+                    keep_claim: bool) -> bool:
+    """Put off a started poll whose host is busy: keep the claim (a countdown will resume it)
+    or give it up (beat claims the feed again once due); False if the slot is gone."""
+    cur = conn.execute(
+        "UPDATE feeds SET poll_started_at = NULL,"
+        " claimed_at = CASE WHEN %s THEN claimed_at END,"
+        " next_poll_at = now() + make_interval(secs => %s)"
+        " WHERE id = %s AND poll_slot = %s",
+        (keep_claim, delay, feed_id, slot),
     )
+    return cur.rowcount == 1
 
 
-def record_poll_failure(conn: psycopg.Connection, feed_id: int, *, reason: str, detail: str,
-                        status: int | None, broken: bool, retry_in: int) -> None:
-    """Record a failed poll; a hard failure marks the feed broken, a soft one backs off."""
-    conn.execute(
+def record_poll_success(conn: psycopg.Connection, feed_id: int, *, slot: int, status: int,
+                        etag: str | None, last_modified: str | None, body_hash: str | None,
+                        parsed: bool, title: str | None, site_url: str | None,
+                        ttl_seconds: int | None, interval_seconds: int, interval_reason: str,
+                        next_poll_in: int, moved_to: str | None, full_fetch: bool) -> bool:
+    """Record a successful poll of a slot: validators, health reset, the next poll time;
+    a hard-broken feed that answers again is active again. False if the slot is gone."""
+    cur = conn.execute(
+        "UPDATE feeds SET status = 'active', last_status = %(status)s,"
+        # A 200 replaces the validators (a server may stop sending one); a 304 may refresh them.
+        " etag = CASE WHEN %(status)s = 304 THEN COALESCE(%(etag)s, etag) ELSE %(etag)s END,"
+        " last_modified = CASE WHEN %(status)s = 304 THEN COALESCE(%(lm)s, last_modified)"
+        "   ELSE %(lm)s END,"
+        " body_hash = COALESCE(%(hash)s, body_hash),"
+        " ttl_seconds = CASE WHEN %(parsed)s THEN %(ttl)s ELSE ttl_seconds END,"
+        " title = COALESCE(title, %(title)s), site_url = COALESCE(site_url, %(site)s),"
+        " last_reason = NULL, last_error = NULL, consecutive_failures = 0,"
+        " interval_seconds = %(interval)s, interval_reason = %(why)s,"
+        " next_poll_at = now() + make_interval(secs => %(next)s),"
+        " claimed_at = NULL, poll_started_at = NULL,"
+        " last_polled_at = now(), last_success_at = now(),"
+        " last_full_fetch_at = CASE WHEN %(full)s THEN now() ELSE last_full_fetch_at END,"
+        # A 301/308 moves the feed, unless another feed already has that URL.
+        " url = CASE WHEN %(moved)s::text IS NULL"
+        "   OR EXISTS (SELECT 1 FROM feeds o WHERE o.url = %(moved)s::text)"
+        "   THEN url ELSE %(moved)s::text END"
+        " WHERE id = %(id)s AND poll_slot = %(slot)s",
+        {"status": status, "etag": etag, "lm": last_modified, "hash": body_hash,
+         "parsed": parsed, "ttl": ttl_seconds, "title": title, "site": site_url,
+         "interval": interval_seconds, "why": interval_reason, "next": next_poll_in,
+         "full": full_fetch, "moved": moved_to, "id": feed_id, "slot": slot},
+    )
+    return cur.rowcount == 1
+
+
+def record_poll_failure(conn: psycopg.Connection, feed_id: int, *, slot: int, reason: str,
+                        detail: str, status: int | None, broken: bool, retry_in: int) -> bool:
+    """Record a failed poll of a slot; a hard failure marks the feed broken, a soft one backs
+    off. False if the slot is gone."""
+    cur = conn.execute(
         "UPDATE feeds SET last_status = %s, last_reason = %s, last_error = %s,"
         " consecutive_failures = consecutive_failures + 1,"
         " status = CASE WHEN %s THEN 'broken' ELSE status END,"
         " interval_reason = %s, next_poll_at = now() + make_interval(secs => %s),"
-        " claimed_at = NULL, last_polled_at = now()"
-        " WHERE id = %s",
-        (status, reason, detail[:1000], broken, f"backoff:{reason}", retry_in, feed_id),
+        " claimed_at = NULL, poll_started_at = NULL, last_polled_at = now()"
+        " WHERE id = %s AND poll_slot = %s",
+        (status, reason, detail[:1000], broken, f"backoff:{reason}", retry_in, feed_id, slot),
     )
+    return cur.rowcount == 1
+
+
+def log_poll(conn: psycopg.Connection, feed_id: int, *, outcome: str, http_status: int | None,
+             reason: str | None, detail: str | None, conditional: bool, parsed: bool,
+             entries: int, new_entries: int, body_bytes: int | None, duration_ms: int,
+             next_poll_in: int | None, interval_reason: str | None, keep: int) -> None:
+    """Append one poll to the feed's log and drop all but its `keep` newest rows."""
+    # One statement: the insert's row is not visible to the DELETE's snapshot, so the DELETE
+    # keeps keep-1 older rows beside it.
+    conn.execute(
+        "WITH logged AS ("
+        "  INSERT INTO feed_polls (feed_id, outcome, http_status, reason, detail, conditional,"
+        "   parsed, entries, new_entries, bytes, duration_ms, next_poll_in, interval_reason)"
+        "  VALUES (%(id)s, %(outcome)s, %(status)s, %(reason)s, %(detail)s, %(conditional)s,"
+        "   %(parsed)s, %(entries)s, %(new)s, %(bytes)s, %(ms)s, %(next)s, %(why)s))"
+        " DELETE FROM feed_polls WHERE feed_id = %(id)s AND id <= ("
+        "  SELECT id FROM feed_polls WHERE feed_id = %(id)s ORDER BY id DESC"
+        "  OFFSET %(older)s LIMIT 1)",
+        {"id": feed_id, "outcome": outcome, "status": http_status, "reason": reason,
+         "detail": detail[:1000] if detail else None, "conditional": conditional,
+         "parsed": parsed, "entries": entries, "new": new_entries, "bytes": body_bytes,
+         "ms": duration_ms, "next": next_poll_in, "why": interval_reason,
+         "older": max(0, keep - 1)},
+    )
+
+
+def recent_polls(conn: psycopg.Connection, feed_id: int, *, limit: int = 20) -> list[PollRow]:
+    """A feed's logged polls, newest first."""
+    with conn.cursor(row_factory=class_row(PollRow)) as cur:
+        cur.execute(
+            "SELECT id, feed_id, polled_at, outcome, http_status, reason, detail, conditional,"
+            " parsed, entries, new_entries, bytes, duration_ms, next_poll_in, interval_reason"
+            " FROM feed_polls WHERE feed_id = %s ORDER BY id DESC LIMIT %s",
+            (feed_id, limit),
+        )
+        return cur.fetchall()
+
+
+def summarize_feeds(conn: psycopg.Connection) -> list[FeedSummary]:
+    """Every feed with its health, schedule and items per day over the last week."""
+    # Items per day counts entries first seen in the window whose own date is in it too, so
+    # the backlog a first poll finds does not count; a feed younger than a week is divided by
+    # its age.
+    with conn.cursor(row_factory=class_row(FeedSummary)) as cur:
+        cur.execute(
+            "SELECT f.id, f.status, f.url, f.title, f.host, f.interval_seconds,"
+            " f.interval_reason, f.next_poll_at, f.last_success_at, f.consecutive_failures,"
+            " f.last_reason,"
+            " (SELECT count(*) FROM entries e WHERE e.feed_id = f.id"
+            "   AND e.first_seen_at > now() - interval '7 days'"
+            "   AND (e.published_at IS NULL OR e.published_at > now() - interval '7 days'))"
+            " / GREATEST(extract(epoch FROM LEAST(interval '7 days', now() - f.created_at))"
+            "   / 86400.0, 1.0 / 24)::float8 AS items_per_day"
+            " FROM feeds f ORDER BY f.id"
+        )
+        return cur.fetchall()
+
+
+def touch_seen_entries(conn: psycopg.Connection, feed_id: int, *, keys: Sequence[str],
+                       urls: Sequence[str]) -> list[tuple[str, str]]:
+    """Mark as seen again the feed's entries with one of these keys or links; return them."""
+    # Matching on the link too means a GUID that rotates while the link stays (a CMS that
+    # regenerates ids) is the entry we already have, not a new one.
+    rows = conn.execute(
+        "UPDATE entries SET last_seen_at = now(), times_seen = times_seen + 1"
+        " WHERE feed_id = %s AND (entry_key = ANY(%s) OR url = ANY(%s))"
+        " RETURNING entry_key, url",
+        (feed_id, list(keys), list(urls)),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def insert_feed_articles(conn: psycopg.Connection, *, urls: Sequence[str],
+                         titles: Sequence[str | None],
+                         published: Sequence[datetime | None]) -> list[int]:
+    """Insert pending articles for these links (already-known links are skipped); return new ids."""
+    # enqueued_at is set in the same transaction: the task is sent right after commit, and
+    # the sweeper resends only if that send was lost. Callers pass links sorted, so two feeds
+    # that share links take the unique-index locks in one order and never deadlock.
+    rows = conn.execute(
+        "INSERT INTO articles (url, origin, feed_title, feed_published_at, enqueued_at)"
+        " SELECT x.url, 'feed', x.title, x.published, now()"
+        " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS x(url, title, published)"
+        " ON CONFLICT (url) DO NOTHING RETURNING id",
+        (list(urls), list(titles), list(published)),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def insert_entries(conn: psycopg.Connection, feed_id: int, *, keys: Sequence[str],
+                   guids: Sequence[str | None], urls: Sequence[str],
+                   titles: Sequence[str | None], published: Sequence[datetime | None]) -> int:
+    """Record first sightings of entries in a feed, linked to their articles; return how many."""
+    cur = conn.execute(
+        "INSERT INTO entries (feed_id, entry_key, guid, url, title, published_at, article_id)"
+        " SELECT %s, x.key, x.guid, x.url, x.title, x.published, a.id"
+        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])"
+        "   AS x(key, guid, url, title, published)"
+        " JOIN articles a ON a.url = x.url"
+        " ON CONFLICT (feed_id, entry_key) DO UPDATE SET last_seen_at = now()",
+        (feed_id, list(keys), list(guids), list(urls), list(titles), list(published)),
+    )
+    return cur.rowcount
+
+
+def record_sightings(conn: psycopg.Connection, feed_id: int,
+                     entries: Iterable[FeedEntry]) -> Sightings:
+    """Record one document's entries for a feed (the three statements above, in the caller's
+    transaction): sightings of known ones, new entries and new articles."""
+    fresh: dict[str, FeedEntry] = {}
+    urls_seen: set[str] = set()
+    for entry in entries:
+        if not entry.url:
+            continue  # nothing to fetch: an entry without a link never becomes an article
+        key = entry_key(entry)
+        if key in fresh or entry.url in urls_seen:
+            continue  # the same item twice in one document
+        fresh[key] = entry
+        urls_seen.add(entry.url)
+    seen = len(fresh)
+    if not fresh:
+        return Sightings(0, 0, [])
+    known = touch_seen_entries(conn, feed_id, keys=list(fresh), urls=sorted(urls_seen))
+    known_keys = {k for k, _ in known}
+    known_urls = {u for _, u in known}
+    new = sorted(((k, e) for k, e in fresh.items()
+                  if k not in known_keys and e.url not in known_urls),
+                 key=lambda pair: pair[1].url or "")
+    if not new:
+        return Sightings(seen, 0, [])
+    urls = [e.url or "" for _, e in new]
+    titles = [e.title for _, e in new]
+    published = [e.published for _, e in new]
+    article_ids = insert_feed_articles(conn, urls=urls, titles=titles, published=published)
+    insert_entries(conn, feed_id, keys=[k for k, _ in new], guids=[e.guid for _, e in new],
+                   urls=urls, titles=titles, published=published)
+    return Sightings(seen, len(new), article_ids)
 
 
 def record_entries(conn: psycopg.Connection, feed_id: int,
                    entries: Iterable[FeedEntry]) -> list[int]:
     """Record sightings of feed entries; return the ids of articles that are new."""
-    new_ids: list[int] = []
-    with conn.cursor() as cur:
-        for entry in entries:
-            if not entry.url:
-                continue
-            cur.execute(
-                # enqueued_at is set in the same transaction: the task is sent right after
-                # commit, and the sweeper resends only if that send was lost.
-                "INSERT INTO articles (url, origin, feed_title, feed_published_at, enqueued_at)"
-                " VALUES (%s, 'feed', %s, %s, now()) ON CONFLICT (url) DO NOTHING RETURNING id",
-                (entry.url, entry.title, entry.published),
-            )
-            row = cur.fetchone()
-            if row is not None:
-                new_ids.append(row[0])
-            cur.execute(
-                "INSERT INTO entries (feed_id, entry_key, guid, url, title, published_at, article_id)"
-                " SELECT %s, %s, %s, %s, %s, %s, id FROM articles WHERE url = %s"
-                " ON CONFLICT (feed_id, entry_key) DO UPDATE SET last_seen_at = now()",
-                (feed_id, entry_key(entry), entry.guid, entry.url, entry.title,
-                 entry.published, entry.url),
-            )
-    return new_ids
+    return record_sightings(conn, feed_id, entries).new_article_ids
 
 
 # --- articles ---------------------------------------------------------------------------

@@ -28,10 +28,18 @@ def get_context() -> pipeline.Context:
     return _CONTEXT
 
 
-def enqueue_polls(feed_ids: Iterable[int]) -> None:
-    """Send one poll task per feed (call only after the claim committed)."""
-    for feed_id in feed_ids:
-        current_app.send_task("talkwire.poll_feed", args=[feed_id], queue=POLL_QUEUE)
+def enqueue_polls(claims: Iterable[tuple[int, int]]) -> None:
+    """Send one poll task per claimed (feed id, slot) (call only after the claim committed)."""
+    for feed_id, slot in claims:
+        enqueue_poll(feed_id, slot)
+
+
+def enqueue_poll(feed_id: int, slot: int, *, countdown: float | None = None,
+                 reservation: int | None = None) -> None:
+    """Send the poll of one claimed slot, now or after a countdown (a host's queue)."""
+    current_app.send_task("talkwire.poll_feed", args=[feed_id, slot],
+                          kwargs={"reservation": reservation} if reservation else None,
+                          queue=POLL_QUEUE, countdown=countdown)
 
 
 def enqueue_articles(article_ids: Iterable[int]) -> None:
@@ -60,17 +68,26 @@ def _message_id(value: object) -> int | None:
 
 
 @shared_task(name="talkwire.poll_feed", bind=True, max_retries=None)
-def poll_feed(self: Task, feed_id: object) -> None:
-    """Poll one feed and enqueue its new articles."""
+def poll_feed(self: Task, feed_id: object, slot: object = None,
+              reservation: object = None) -> None:
+    """Poll one claimed slot of a feed (no slot: claim it now) and enqueue its new articles."""
     fid = _message_id(feed_id)
-    if fid is None:
-        log_outcome("poll", "failed", reason="malformed_message", payload=repr(feed_id)[:200])
+    slot_no = None if slot is None else _message_id(slot)
+    place = None if reservation is None else _message_id(reservation)
+    if fid is None or (slot is not None and slot_no is None) or (
+            reservation is not None and place is None):
+        log_outcome("poll", "failed", reason="malformed_message",
+                    payload=repr([feed_id, slot, reservation])[:200])
         return
     try:
-        outcome = pipeline.poll_feed(get_context(), fid)
+        outcome = pipeline.poll_feed(get_context(), fid, slot=slot_no, reservation=place)
     except psycopg.OperationalError as exc:
         # The database is down or the connection broke mid-write: nothing was committed.
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+    if outcome.outcome == "deferred" and outcome.slot is not None:
+        # The host is busy: the same slot comes back when its place in the queue is due.
+        enqueue_poll(fid, outcome.slot, countdown=outcome.retry_in,
+                     reservation=outcome.reservation)
     enqueue_articles(outcome.new_article_ids)
 
 
@@ -104,7 +121,7 @@ def claim_and_enqueue_due_feeds(ctx: pipeline.Context) -> int:
         with ctx.pool.connection() as conn:
             feeds = store.claim_due_feeds(conn, limit=ctx.settings.claim_batch,
                                           lease_seconds=ctx.settings.lease_seconds)
-        enqueue_polls(f.id for f in feeds)
+        enqueue_polls((f.id, f.poll_slot) for f in feeds)
         total += len(feeds)
         if len(feeds) < ctx.settings.claim_batch:
             return total

@@ -74,6 +74,7 @@ class ParsedFeed:
     ttl_minutes: int | None = None
     update_period_minutes: int | None = None
     bozo_reason: str | None = None
+    format: str | None = None  # feedparser's version (rss20, atom10, rss10, ...) or json1
 
 
 @dataclass(frozen=True)
