@@ -54,7 +54,7 @@ elseif reserved == 0 and not busy and nxt <= now + tol and last + spacing <= now
   return grant()
 end
 local slot = math.max(nxt, last + spacing, now, blocked)
-if busy then slot = math.max(slot, now + step) end
+if busy then slot = math.max(slot, now + math.max(step, 10)) end
 if slot - now > max_wait then return {0, slot - now, 0} end
 redis.call('HSET', KEYS[2], 'next', slot + step)
 redis.call('PEXPIRE', KEYS[2], slot + step - now + lease)
