@@ -89,7 +89,9 @@ def serve_site(root: Path, *, host: str = "127.0.0.1", port: int = 0,
     slow or failing pages); it receives the request handler and the site's base URL.
     """
     base: list[str] = [""]
-    server = ThreadingHTTPServer((host, port), _make_handler(root, base, routes or {}))
+    # The caller's own mapping (even empty), so routes it adds after start are served too.
+    handler = _make_handler(root, base, {} if routes is None else routes)
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     base[0] = f"http://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="talkwire-site", daemon=True)
