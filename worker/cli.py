@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -294,31 +295,175 @@ def feeds() -> None:
 @feeds.command("add")
 @click.argument("url")
 @click.option("--title", default=None)
-def feeds_add(url: str, title: str | None) -> None:
-    """Add a feed by URL (polled at the next beat)."""
+@click.option("--discover/--no-discover", default=True, show_default=True,
+              help="Fetch URL first: a feed is added as it resolves; an HTML page is searched "
+                   "for <link rel=alternate> feeds, then /feed, /rss and other common paths.")
+@click.option("--all", "add_all", is_flag=True, help="Add every feed discovered, not the first.")
+def feeds_add(url: str, title: str | None, discover: bool, add_all: bool) -> None:
+    """Add a feed by its URL or by a site's URL (polled at the next beat)."""
+    from worker.discover import discover_feeds
+    from worker.errors import TalkwireError
+    from worker.fetch import make_client
+
     rt = resolve(_settings())
+    s = rt.settings
+    found: list[tuple[str, str | None, str | None]] = [(url, title, None)]
+    if discover:
+        limits = s.fetch_limits()
+        with make_client(limits) as client:
+            try:
+                feeds = discover_feeds(url, limits, client=client)
+            except TalkwireError as exc:
+                raise click.ClickException(
+                    f"cannot fetch {url}: {exc}; use --no-discover to add it unchecked") from None
+        if not feeds:
+            raise click.ClickException(f"no feed found at {url} (not a feed, no <link "
+                                       "rel=alternate> feed, no feed at the common paths)")
+        for feed in feeds:
+            err_console.print(f"found {feed.format or 'feed'} ({feed.how}): {feed.url}")
+        found = [(f.url, title or f.title, f.site_url) for f in (feeds if add_all else feeds[:1])]
+    with _connect(s) as conn:
+        store.apply_migrations(conn)
+        for feed_url, feed_title, site_url in found:
+            row = store.add_feed(conn, feed_url, title=feed_title, source="cli",
+                                 interval_seconds=s.poll_interval_default, site_url=site_url)
+            console.print(f"feed {row.id}: {row.url}")
+
+
+@feeds.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def feeds_import(path: Path) -> None:
+    """Add every feed of an OPML file (outlines inside XML comments stay disabled)."""
+    from worker.errors import Permanent
+    from worker.opml import read_opml
+
+    try:
+        entries = read_opml(path.read_bytes())
+    except Permanent as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    rt = resolve(_settings())
+    added = 0
     with _connect(rt.settings) as conn:
         store.apply_migrations(conn)
-        row = store.add_feed(conn, url, title=title, source="cli",
-                             interval_seconds=rt.settings.poll_interval_default)
-    console.print(f"feed {row.id}: {row.url}")
+        known = {f.url for f in store.list_feeds(conn)}
+        for item in entries:
+            store.add_feed(conn, item.url, title=item.title, source="opml",
+                           interval_seconds=rt.settings.poll_interval_default,
+                           site_url=item.site_url, category=item.category)
+            added += item.url not in known
+    console.print(f"imported {len(entries)} feed(s) from {path}: {added} new, "
+                  f"{len(entries) - added} already known")
+
+
+@feeds.command("export")
+def feeds_export() -> None:
+    """Print every feed as OPML 2.0."""
+    from worker.opml import OpmlFeed, write_opml
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        rows = store.list_feeds(conn)
+    document = write_opml((OpmlFeed(f.url, f.title, f.site_url, f.category) for f in rows),
+                          title="talkwire feeds")
+    click.echo(document.decode("utf-8"), nl=False)
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "never"
+    seconds = int((datetime.now(timezone.utc) - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 @feeds.command("list")
 def feeds_list() -> None:
-    """List feeds with their status and schedule."""
+    """List feeds: status, interval and why, last success, errors, items per day."""
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        rows = store.list_feeds(conn)
+        rows = store.summarize_feeds(conn)
     table = Table(title=f"{len(rows)} feed(s)")
-    for col in ("id", "status", "url", "interval", "next poll", "last success", "failures", "last reason"):
-        table.add_column(col)
+    for col in ("id", "status", "url", "interval", "next poll", "last success", "errors",
+                "items/day"):
+        table.add_column(col, overflow="fold")
     for f in rows:
-        table.add_row(str(f.id), f.status, f.url, f"{f.interval_seconds}s",
-                      f"{f.next_poll_at:%Y-%m-%d %H:%M:%S}",
-                      f"{f.last_success_at:%Y-%m-%d %H:%M:%S}" if f.last_success_at else "-",
-                      str(f.consecutive_failures), f.last_reason or "")
+        errors = f"{f.consecutive_failures} {f.last_reason}" if f.consecutive_failures else "0"
+        table.add_row(str(f.id), f.status, f.url, f"{f.interval_seconds}s {f.interval_reason}",
+                      f"{f.next_poll_at:%Y-%m-%d %H:%M:%S}", _ago(f.last_success_at), errors,
+                      f"{f.items_per_day:.1f}")
     console.print(table)
+
+
+@feeds.command("show")
+@click.argument("feed_id", type=int)
+@click.option("--limit", default=20, show_default=True, help="How many recent polls to show.")
+def feeds_show(feed_id: int, limit: int) -> None:
+    """Show one feed's state and its recent poll log."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        feed = store.get_feed(conn, feed_id)
+        polls = store.recent_polls(conn, feed_id, limit=limit) if feed else []
+    if feed is None:
+        raise click.ClickException(f"no feed {feed_id}")
+    info = Table(title=f"feed {feed.id}: {feed.title or feed.url}", show_header=False)
+    info.add_column("field")
+    info.add_column("value", overflow="fold")
+    for name in ("url", "host", "status", "last_status", "last_reason", "last_error",
+                 "consecutive_failures", "interval_seconds", "interval_reason", "ttl_seconds",
+                 "next_poll_at", "last_success_at", "last_full_fetch_at", "etag",
+                 "last_modified"):
+        value = getattr(feed, name)
+        info.add_row(name, "" if value is None else str(value))
+    console.print(info)
+    log = Table(title=f"last {len(polls)} poll(s)")
+    for col in ("when", "outcome", "http", "cond", "parsed", "entries", "new", "ms",
+                "next in", "why"):
+        log.add_column(col, overflow="fold")
+    for p in polls:
+        log.add_row(f"{p.polled_at:%Y-%m-%d %H:%M:%S}",
+                    p.outcome + (f" {p.reason}" if p.reason else ""), str(p.http_status or ""),
+                    "y" if p.conditional else "", "y" if p.parsed else "", str(p.entries),
+                    str(p.new_entries), str(p.duration_ms if p.duration_ms is not None else ""),
+                    f"{p.next_poll_in}s" if p.next_poll_in is not None else "",
+                    p.interval_reason or "")
+    console.print(log)
+
+
+@feeds.command("poll")
+@click.argument("feed_id", type=int)
+def feeds_poll(feed_id: int) -> None:
+    """Poll one feed now (whatever its status or schedule) and enqueue its new articles."""
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.pipeline import open_context, poll_feed
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        store.apply_migrations(conn)
+    create_app(rt.settings)
+    ctx = open_context(rt.settings)
+    try:
+        # An operator waits at the terminal: sleep through the host's queue, up to its limit.
+        outcome = poll_feed(ctx, feed_id, take_over=True, max_sleep=rt.settings.host_max_wait)
+        if outcome.slot is not None and outcome.retry_in is not None:
+            # Still queued behind the host: a worker resumes it when its place comes.
+            tasks.enqueue_poll(feed_id, outcome.slot, countdown=outcome.retry_in,
+                               reservation=outcome.reservation)
+        tasks.enqueue_articles(outcome.new_article_ids)
+    finally:
+        ctx.close()
+    line = f"feed {feed_id}: {outcome.outcome}"
+    if outcome.outcome == "polled":
+        line += f", {outcome.entries} entries, {len(outcome.new_article_ids)} new article(s)"
+    if outcome.reason:
+        line += f" ({outcome.reason})"
+    if outcome.retry_in is not None:
+        line += f"; host busy, next try in {outcome.retry_in:.0f}s"
+    console.print(line)
+    if outcome.outcome in ("failed", "stale", "deferred"):
+        sys.exit(1)
 
 
 @main.command()

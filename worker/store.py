@@ -52,6 +52,7 @@ class FeedRow:
     poll_started_at: datetime | None = None
     last_full_fetch_at: datetime | None = None
     ttl_seconds: int | None = None
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,19 +162,20 @@ def apply_migrations(conn: psycopg.Connection, directory: Path = MIGRATIONS_DIR)
 
 def add_feed(conn: psycopg.Connection, url: str, *, title: str | None = None,
              source: str = "cli", interval_seconds: int = 900,
-             site_url: str | None = None) -> FeedRow:
+             site_url: str | None = None, category: str | None = None) -> FeedRow:
     """Insert a feed or return the existing one with that URL."""
     with conn.cursor(row_factory=class_row(FeedRow)) as cur:
         cur.execute(
-            "INSERT INTO feeds (url, title, source, interval_seconds, site_url)"
-            " VALUES (%s, %s, %s, %s, %s)"
+            "INSERT INTO feeds (url, title, source, interval_seconds, site_url, category)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (url) DO UPDATE SET title = COALESCE(feeds.title, EXCLUDED.title),"
-            "   site_url = COALESCE(feeds.site_url, EXCLUDED.site_url)"
+            "   site_url = COALESCE(feeds.site_url, EXCLUDED.site_url),"
+            "   category = COALESCE(feeds.category, EXCLUDED.category)"
             " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
             " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
-            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
-            (url, title, source, interval_seconds, site_url),
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds, category",
+            (url, title, source, interval_seconds, site_url, category),
         )
         row = cur.fetchone()
     assert row is not None
@@ -187,7 +189,7 @@ def list_feeds(conn: psycopg.Connection) -> list[FeedRow]:
             "SELECT id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
             " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
-            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds, category"
             " FROM feeds ORDER BY id"
         )
         return cur.fetchall()
@@ -200,7 +202,7 @@ def get_feed(conn: psycopg.Connection, feed_id: int) -> FeedRow | None:
             "SELECT id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
             " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
-            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds"
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds, category"
             " FROM feeds WHERE id = %s",
             (feed_id,),
         )
@@ -230,7 +232,7 @@ def claim_due_feeds(conn: psycopg.Connection, *, limit: int, lease_seconds: int)
             " f.body_hash, f.last_status, f.last_reason, f.last_error, f.consecutive_failures,"
             " f.interval_seconds, f.interval_reason, f.next_poll_at, f.claimed_at,"
             " f.last_polled_at, f.last_success_at, f.site_url, f.host, f.poll_slot,"
-            " f.poll_started_at, f.last_full_fetch_at, f.ttl_seconds",
+            " f.poll_started_at, f.last_full_fetch_at, f.ttl_seconds, f.category",
             (limit, lease_seconds),
         )
         return cur.fetchall()
@@ -249,7 +251,7 @@ def claim_feed(conn: psycopg.Connection, feed_id: int, *, lease_seconds: int,
             " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
             " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
-            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds, category",
             (lease_seconds, feed_id, take_over),
         )
         return cur.fetchone()
@@ -269,7 +271,7 @@ def begin_feed_poll(conn: psycopg.Connection, feed_id: int, *, slot: int,
             " RETURNING id, url, title, source, status, etag, last_modified, body_hash,"
             " last_status, last_reason, last_error, consecutive_failures, interval_seconds,"
             " interval_reason, next_poll_at, claimed_at, last_polled_at, last_success_at,"
-            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds",
+            " site_url, host, poll_slot, poll_started_at, last_full_fetch_at, ttl_seconds, category",
             (lease_seconds, feed_id, slot),
         )
         return cur.fetchone()

@@ -17,7 +17,8 @@ ALTER TABLE feeds
     ADD COLUMN last_full_fetch_at timestamptz,
     -- The publisher's own pacing (RSS <ttl>, sy:updatePeriod) from the last parsed body, kept
     -- so a 304 still honours it.
-    ADD COLUMN ttl_seconds integer;
+    ADD COLUMN ttl_seconds integer,
+    ADD COLUMN category text;                             -- OPML folder, kept for export
 
 -- Operators and the politeness report group feeds by host.
 CREATE INDEX feeds_host_idx ON feeds (host);
