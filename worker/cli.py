@@ -107,13 +107,16 @@ def migrate() -> None:
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("--concurrency", type=int, default=None, help="Default: TALKWIRE_WORKER_CONCURRENCY.")
 @click.option("--name", default=None, help="Celery node name (default: talkwire-<queues>@host).")
-def worker(queues: str, pool: str, concurrency: int | None, name: str | None) -> None:
+@click.option("--loglevel", default="INFO", show_default=True,
+              help="Celery's own log level; WARNING drops its two lines per task at high rates.")
+def worker(queues: str, pool: str, concurrency: int | None, name: str | None,
+           loglevel: str) -> None:
     """Run a Celery worker on the given queues."""
     from worker.celery_app import create_app
 
     rt = resolve(_settings())
     app = create_app(rt.settings)
-    argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", "INFO",
+    argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", loglevel,
             "-c", str(concurrency or rt.settings.worker_concurrency),
             "-n", name or f"talkwire-{queues.replace(',', '-')}-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle"]
