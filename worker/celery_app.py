@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=PROCESS_QUEUE,
         task_routes={
             "talkwire.poll_feed": {"queue": POLL_QUEUE},
+            "talkwire.poll_feeds": {"queue": POLL_QUEUE},
             "talkwire.dispatch_due_feeds": {"queue": POLL_QUEUE},
             "talkwire.sweep_stale_work": {"queue": POLL_QUEUE},
             "talkwire.process_article": {"queue": PROCESS_QUEUE},

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # How long a claimed feed or article may stay in flight before the sweeper re-enqueues it.
     lease_seconds: int = Field(default=600, ge=1)
     claim_batch: int = Field(default=100, ge=1)
+    # Claimed polls per message: one worker thread polls them in turn, which spares the broker
+    # and the worker most of their per-message cost (the poll benchmark measures it).
+    poll_batch: int = Field(default=10, ge=1, le=100)
 
     task_soft_time_limit: int = Field(default=120, ge=1)
     task_time_limit: int = Field(default=150, ge=1)

@@ -4,9 +4,11 @@ commit. Task names are a public contract: producers send them by name.
 
 from __future__ import annotations
 
+import math
 import os
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 
 import psycopg
 from celery import Task, current_app, shared_task
@@ -38,9 +40,27 @@ def _send_many(name: str, arg_lists: Iterable[list[int]], queue: str) -> None:
             current_app.send_task(name, args=args, queue=queue, producer=producer)
 
 
-def enqueue_polls(claims: Iterable[tuple[int, int]]) -> None:
-    """Send one poll task per claimed (feed id, slot) (call only after the claim committed)."""
-    _send_many("talkwire.poll_feed", ([feed_id, slot] for feed_id, slot in claims), POLL_QUEUE)
+def enqueue_polls(feeds: Sequence[store.FeedRow], batch: int = 1) -> None:
+    """Send the polls of claimed feeds, `batch` to a message (call only after the claim
+    committed)."""
+    if batch <= 1:
+        _send_many("talkwire.poll_feed", ([f.id, f.poll_slot] for f in feeds), POLL_QUEUE)
+        return
+    _send_many("talkwire.poll_feeds", ([claims] for claims in batch_claims(feeds, batch)),
+               POLL_QUEUE)
+
+
+def batch_claims(feeds: Sequence[store.FeedRow], size: int) -> list[list[list[int]]]:
+    """Deal claimed (feed id, slot) pairs into batches of at most `size`, each host spread
+    over as many batches as it can be."""
+    # A batch is polled in order by one thread, so feeds of one host in one batch would wait
+    # on each other's politeness spacing: sorted by host and dealt round-robin, they part.
+    if not feeds:
+        return []
+    batches: list[list[list[int]]] = [[] for _ in range(math.ceil(len(feeds) / size))]
+    for n, feed in enumerate(sorted(feeds, key=lambda f: f.host or "")):
+        batches[n % len(batches)].append([feed.id, feed.poll_slot])
+    return batches
 
 
 def enqueue_poll(feed_id: int, slot: int, *, countdown: float | None = None,
@@ -77,6 +97,13 @@ def _message_id(value: object) -> int | None:
     return number if number > 0 else None
 
 
+def _follow_up(feed_id: int, outcome: pipeline.PollOutcome) -> None:
+    """After a poll: resend a poll deferred behind its host, when its place comes."""
+    if outcome.outcome == "deferred" and outcome.slot is not None:
+        enqueue_poll(feed_id, outcome.slot, countdown=outcome.retry_in,
+                     reservation=outcome.reservation)
+
+
 @shared_task(name="talkwire.poll_feed", bind=True, max_retries=None)
 def poll_feed(self: Task, feed_id: object, slot: object = None,
               reservation: object = None) -> None:
@@ -94,11 +121,51 @@ def poll_feed(self: Task, feed_id: object, slot: object = None,
     except psycopg.OperationalError as exc:
         # The database is down or the connection broke mid-write: nothing was committed.
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
-    if outcome.outcome == "deferred" and outcome.slot is not None:
-        # The host is busy: the same slot comes back when its place in the queue is due.
-        enqueue_poll(fid, outcome.slot, countdown=outcome.retry_in,
-                     reservation=outcome.reservation)
+    _follow_up(fid, outcome)
     enqueue_articles(outcome.new_article_ids)
+
+
+def _claim_pairs(value: object) -> list[tuple[int, int]] | None:
+    if not isinstance(value, list) or not 0 < len(value) <= 1000:
+        return None
+    pairs = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            return None
+        fid, slot = _message_id(item[0]), _message_id(item[1])
+        if fid is None or slot is None:
+            return None
+        pairs.append((fid, slot))
+    return pairs
+
+
+@shared_task(name="talkwire.poll_feeds", bind=True, max_retries=None)
+def poll_feeds(self: Task, claims: object) -> None:
+    """Poll a batch of claimed [feed id, slot] pairs in turn and enqueue their new articles."""
+    pairs = _claim_pairs(claims)
+    if pairs is None:
+        log_outcome("poll", "failed", reason="malformed_message", payload=repr(claims)[:200])
+        return
+    ctx = get_context()
+    s = ctx.settings
+    # Start no poll that could outlive the task's soft time limit; the rest go back as a batch.
+    stop_at = time.monotonic() + max(1.0, s.task_soft_time_limit - s.fetch_deadline - 5)
+    new_ids: list[int] = []
+    try:
+        for n, (fid, slot) in enumerate(pairs):
+            if time.monotonic() > stop_at:
+                _send_many("talkwire.poll_feeds", [[[list(p) for p in pairs[n:]]]], POLL_QUEUE)
+                break
+            try:
+                outcome = pipeline.poll_feed(ctx, fid, slot=slot)
+            except psycopg.OperationalError as exc:
+                rest = [list(p) for p in pairs[n:]]
+                raise self.retry(exc=exc, args=[rest],
+                                 countdown=_backoff(self.request.retries, None))
+            _follow_up(fid, outcome)
+            new_ids.extend(outcome.new_article_ids)
+    finally:
+        enqueue_articles(new_ids)  # all of them were committed
 
 
 @shared_task(name="talkwire.process_article", bind=True, max_retries=None)
@@ -131,7 +198,7 @@ def claim_and_enqueue_due_feeds(ctx: pipeline.Context) -> int:
         with ctx.pool.connection() as conn:
             feeds = store.claim_due_feeds(conn, limit=ctx.settings.claim_batch,
                                           lease_seconds=ctx.settings.lease_seconds)
-        enqueue_polls((f.id, f.poll_slot) for f in feeds)
+        enqueue_polls(feeds, ctx.settings.poll_batch)
         total += len(feeds)
         if len(feeds) < ctx.settings.claim_batch:
             return total
