@@ -181,11 +181,13 @@ def poll_feed(ctx: Context, feed_id: int, *, slot: int | None = None,
                 ctx.hosts.release(permit)
         body_hash = None if page.not_modified else hashlib.sha256(page.body).hexdigest()
         if body_hash is not None and body_hash != feed.body_hash:
-            parsed = parse_feed(page.body, base_url=page.final_url, content_type=page.content_type)
+            parsed = parse_feed(page.body, base_url=page.final_url,
+                                content_type=page.content_type)
     except (Permanent, Transient) as exc:
         return _record_failure(ctx, feed, slot, exc, conditional=conditional, page=page,
                                started=fetch_started)
 
+    assert page is not None  # fetch_url returned, or the except branch returned
     since = (now - feed.last_success_at).total_seconds() if feed.last_success_at else None
     cache_seconds = cache_lifetime(page.cache_control, page.expires, now=now)
     ttl_seconds = feed_hint_seconds(parsed) if parsed is not None else feed.ttl_seconds
