@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -65,11 +66,17 @@ def resolve(settings: Settings, *, with_demo: bool = False) -> Runtime:
         from worker.demo import demo_feed_paths
 
         with psycopg.connect(resolved.database_url or "") as conn:
-            store.apply_migrations(conn)
+            _prepare(conn)
             for path in demo_feed_paths():
                 store.add_feed(conn, keep[-1].url(path), source="demo",
                                interval_seconds=resolved.poll_interval_default)
     return Runtime(settings=resolved, keep=keep)
+
+
+def _prepare(conn: psycopg.Connection) -> None:
+    from worker.pipeline import prepare_database
+
+    prepare_database(conn)
 
 
 def _settings() -> Settings:
@@ -94,10 +101,23 @@ def main(log_level: str) -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending database migrations (safe to run from several places at once)."""
+    from worker.pipeline import prepare_database
+    from worker.tasks import enqueue_relinks
+
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        applied = store.apply_migrations(conn)
+        pending = [p.stem for p in sorted(store.MIGRATIONS_DIR.glob("[0-9]*.sql"))]
+        done = set(store.applied_migrations(conn))
+        changed = prepare_database(conn)
+    applied = [name for name in pending if name not in done]
     console.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    if changed:
+        from worker.celery_app import create_app
+
+        create_app(rt.settings)
+        enqueue_relinks(changed)
+        console.print(f"calendar changed for {len(changed)} round(s); relinking queued: "
+                      + ", ".join(changed))
 
 
 @main.command()
@@ -223,7 +243,7 @@ def run(once: bool, timeout: float) -> None:
     rt = resolve(_settings(), with_demo=True)
     s = rt.settings
     with _connect(s) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
     create_app(s)
     started = datetime.now(timezone.utc)
     children = [
@@ -298,7 +318,7 @@ def feeds_add(url: str, title: str | None) -> None:
     """Add a feed by URL (polled at the next beat)."""
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
         row = store.add_feed(conn, url, title=title, source="cli",
                              interval_seconds=rt.settings.poll_interval_default)
     console.print(f"feed {row.id}: {row.url}")
@@ -329,7 +349,7 @@ def ingest(url: str) -> None:
 
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
     ctx = open_context(rt.settings)
     try:
         with ctx.pool.connection() as conn:
@@ -352,6 +372,142 @@ def ingest(url: str) -> None:
     console.print(table)
     if row.state == "failed":
         sys.exit(1)
+
+
+@main.command()
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Only articles published (or stored) on or after this date.")
+def reprocess(since: datetime | None) -> None:
+    """Re-classify stored articles under the current rules; report how many labels changed."""
+    from rich.progress import Progress
+
+    from worker.classify import RULES_VERSION
+    from worker.pipeline import open_context, reclassify_stored
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+    ctx = open_context(rt.settings)
+    since_utc = since.replace(tzinfo=timezone.utc) if since else None
+    changes: dict[tuple[str | None, str], int] = {}
+    seen = 0
+    try:
+        with ctx.pool.connection() as conn:
+            total = store.count_stored_since(conn, since=since_utc)
+        with Progress(console=err_console, transient=False) as progress:
+            bar = progress.add_task("reclassifying", total=total)
+            after = 0
+            while True:
+                with ctx.pool.connection() as conn:
+                    page = store.list_stored_texts(conn, since=since_utc, after_id=after, limit=200)
+                if not page:
+                    break
+                for item in page:
+                    outcome = reclassify_stored(ctx, item)
+                    seen += 1
+                    if outcome.changed:
+                        key = (outcome.old_label, outcome.new_label)
+                        changes[key] = changes.get(key, 0) + 1
+                    progress.advance(bar)
+                after = page[-1].id
+    finally:
+        ctx.close()
+    changed = sum(changes.values())
+    console.print(f"reprocessed {seen} article(s) with rules {RULES_VERSION}: "
+                  f"{changed} label(s) changed")
+    if changes:
+        table = Table(title="label changes")
+        for col in ("from", "to", "articles"):
+            table.add_column(col)
+        for (old, new), n in sorted(changes.items(), key=lambda kv: -kv[1]):
+            table.add_row(old or "(none)", new, str(n))
+        console.print(table)
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate talkwire's decisions on a labelled corpus (../shared/eval-data)."""
+
+
+@eval_group.command("classify")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True)
+def eval_classify(corpus: Path) -> None:
+    """Precision, recall and F1 for `talks`, and the confusion matrix over four labels."""
+    from worker.evaluate import evaluate_classifier, format_classifier_report
+
+    report = evaluate_classifier(corpus)
+    if report is None:
+        console.print(f"skipped: no evaluation corpus at {corpus}")
+        return
+    console.print(format_classifier_report(report), markup=False, highlight=False)
+
+
+@eval_group.command("rounds")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True)
+def eval_rounds(corpus: Path) -> None:
+    """Accuracy of the `about` round on every labelled talks item that names its round."""
+    from worker.eval_rounds import evaluate_rounds, format_rounds_report
+
+    report = evaluate_rounds(corpus)
+    if report is None:
+        console.print(f"skipped: no evaluation corpus at {corpus}")
+        return
+    console.print(format_rounds_report(report), markup=False, highlight=False)
+
+
+@main.group()
+def rounds() -> None:
+    """The registry of negotiation rounds and the stories linked to them."""
+
+
+@rounds.command("list")
+@click.option("--track", default=None, help="Only this track (astana, geneva, sochi, ...).")
+def rounds_list(track: str | None) -> None:
+    """List rounds with dates, venue, status and how many stories link to each."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+        rows = store.list_round_summaries(conn, track=track)
+    table = Table(title=f"{len(rows)} round(s)")
+    for col in ("id", "track", "no.", "name", "dates", "venue", "status", "about", "refs", "ann."):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.id, r.track, "" if r.number is None else str(r.number), r.name,
+                      _dates(r.start_date, r.end_date), r.venue or "", r.status,
+                      str(r.about), str(r.refers_to), str(r.announces))
+    console.print(table)
+
+
+def _dates(start: Any, end: Any) -> str:
+    if start is None:
+        return "?"
+    return f"{start}" if end in (None, start) else f"{start} – {end}"
+
+
+@rounds.command("show")
+@click.argument("round_id")
+def rounds_show(round_id: str) -> None:
+    """A round's timeline: its facts, then its stories in order, and its neighbours."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+        info = store.get_round_summary(conn, round_id)
+        if info is None:
+            raise click.ClickException(f"no round {round_id!r}; see `talkwire rounds list`")
+        stories = store.list_round_timeline(conn, round_id)
+    console.print(f"[bold]{info.name}[/bold] ({info.id}, track {info.track})\n"
+                  f"dates: {_dates(info.start_date, info.end_date)}   venue: {info.venue or '?'}"
+                  f"   status: {info.status}\n"
+                  f"previous: {info.previous_round_id or '-'}   next: {info.next_round_id or '-'}")
+    table = Table(title=f"{len(stories)} stor{'y' if len(stories) == 1 else 'ies'}")
+    for col in ("published", "relation", "outlet", "headline", "evidence"):
+        table.add_column(col, overflow="fold")
+    for s in stories:
+        table.add_row(f"{s.published_at:%Y-%m-%d %H:%M}" if s.published_at else "?", s.relation,
+                      s.outlet or "", s.headline or s.url, s.evidence)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,39 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import httpx
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from worker import store
+from worker.classify import (
+    Classification,
+    Knowledge,
+    classify_article,
+    compose_document,
+    load_knowledge,
+)
 from worker.config import Settings
 from worker.errors import Permanent, Transient
 from worker.extract import extract_article
 from worker.fetch import fetch_url, make_client
 from worker.logs import log_outcome
 from worker.poll import failure_backoff, next_poll_interval, parse_feed
+from worker.rounds import (
+    LINKER_VERSION,
+    Round,
+    RoundProposal,
+    link_rounds,
+    load_seed_rounds,
+    new_round_id,
+)
 from worker.types import FetchLimits
+
+SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 
 _LOG = logging.getLogger("talkwire.pipeline")
 
@@ -40,6 +60,7 @@ class Context:
     pool: ConnectionPool
     http: httpx.Client
     limits: FetchLimits
+    knowledge: Knowledge
 
     def close(self) -> None:
         """Release the pool and the HTTP client."""
@@ -55,7 +76,8 @@ def open_context(settings: Settings) -> Context:
         _LOG.warning("fetch allow-list is on", extra={"allow_networks": settings.fetch_allow_networks})
     pool = ConnectionPool(settings.database_url, min_size=settings.db_pool_min,
                           max_size=settings.db_pool_max, open=True, name="talkwire")
-    return Context(settings=settings, pool=pool, http=make_client(limits), limits=limits)
+    return Context(settings=settings, pool=pool, http=make_client(limits), limits=limits,
+                   knowledge=load_knowledge())
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,9 @@ class ProcessOutcome:
     outcome: str  # stored | failed | retry | stale
     reason: str | None = None
     retry_after: float | None = None
+    label: str | None = None
+    # Rounds this article created or changed: the caller relinks their stories after commit.
+    changed_rounds: tuple[str, ...] = ()
 
 
 def poll_feed(ctx: Context, feed_id: int) -> PollOutcome:
@@ -170,8 +195,180 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         log_outcome("process", "failed", article_id=article_id, url=row.url, reason=exc.reason,
                     started=started)
         return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    published = article.published or row.feed_published_at
+    result = classify_text(ctx, title=article.title, text=article.text,
+                           language=article.language, published=published)
+    document = compose_document(article.title, article.text)
     with ctx.pool.connection() as conn, conn.transaction():
         stored = store.store_article(conn, article_id, page, article)
+        changed_rounds: list[str] = []
+        if stored:
+            store.save_classification(conn, article_id, result)
+            changed_rounds = link_article(conn, ctx, article_id, result, document,
+                                          published.date() if published else None)
     outcome = "stored" if stored else "stale"
-    log_outcome("process", outcome, article_id=article_id, url=row.url, started=started)
-    return ProcessOutcome(article_id, outcome)
+    log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
+                started=started)
+    return ProcessOutcome(article_id, outcome, label=result.label,
+                          changed_rounds=tuple(changed_rounds))
+
+
+def classify_text(ctx: Context, *, title: str | None, text: str, language: str | None,
+                  published: datetime | None) -> Classification:
+    """Classify one article's text with this process's knowledge."""
+    return classify_article(text=text, title=title, language=language,
+                            published=published.date() if published else None,
+                            knowledge=ctx.knowledge)
+
+
+@dataclass(frozen=True)
+class ReprocessOutcome:
+    """What reclassifying one stored article changed."""
+
+    article_id: int
+    old_label: str | None
+    new_label: str
+
+    @property
+    def changed(self) -> bool:
+        """True when the label differs from the one stored before."""
+        return self.old_label != self.new_label
+
+
+def reclassify_stored(ctx: Context, item: store.StoredText) -> ReprocessOutcome:
+    """Classify a stored article again under the current rules and store the result."""
+    result = classify_text(ctx, title=item.title, text=item.body, language=item.language,
+                           published=item.published_at)
+    document = compose_document(item.title, item.body)
+    with ctx.pool.connection() as conn, conn.transaction():
+        old_label, _ = store.save_classification(conn, item.id, result)
+        link_article(conn, ctx, item.id, result, document,
+                     item.published_at.date() if item.published_at else None, learn=False)
+    return ReprocessOutcome(item.id, old_label, result.label)
+
+
+def link_article(conn: psycopg.Connection, ctx: Context, article_id: int,
+                 result: Classification, document: str, published: date | None, *,
+                 learn: bool = True) -> list[str]:
+    """Link one classified article to rounds, letting it teach the registry; return changed ids.
+
+    Runs inside the caller's transaction, so links and registry changes commit with the
+    article. Reprocessing passes learn=False: old stories must not re-announce rounds.
+    """
+    registry = store.list_rounds(conn)
+    linking = link_rounds(result, document=document, published=published, registry=registry)
+    changed: list[str] = []
+    if learn and linking.proposals:
+        changed = apply_proposals(conn, ctx, linking.proposals, registry, article_id)
+        if changed:
+            registry = store.list_rounds(conn)
+            linking = link_rounds(result, document=document, published=published,
+                                  registry=registry)
+    store.replace_round_links(conn, article_id, linking.links,
+                              rules_version=f"{result.rules_version}+{LINKER_VERSION}")
+    return changed
+
+
+def apply_proposals(conn: psycopg.Connection, ctx: Context, proposals: tuple[RoundProposal, ...],
+                    registry: list[Round], article_id: int) -> list[str]:
+    """Apply a story's proposals to the registry; return the ids of rounds that changed."""
+    by_id = {r.id: r for r in registry}
+    changed: list[str] = []
+    for proposal in proposals:
+        if proposal.kind == "create":
+            round_id = new_round_id(proposal.track, proposal.number, proposal.start)
+            info = ctx.knowledge.track(proposal.track)
+            template = info.round_name if info and info.round_name else proposal.track + " {n}"
+            name = template.format(n=proposal.number, roman=proposal.number)
+            rnd = Round(round_id, proposal.track, proposal.number, name, proposal.start,
+                        proposal.end, proposal.venue, "announced")
+            if round_id not in by_id and store.insert_round(
+                    conn, rnd, source="article", article_id=article_id,
+                    note=f"announced: {proposal.evidence.text}"):
+                by_id[round_id] = rnd
+                changed.append(round_id)
+            continue
+        old = by_id.get(proposal.round_id or "")
+        if old is None:
+            continue
+        if proposal.kind == "move":
+            new = replace(old, start=proposal.start, end=proposal.end,
+                          venue=proposal.venue or old.venue,
+                          status="announced" if old.status == "postponed" else old.status)
+            change = "dates_changed"
+        else:
+            status = {"confirm": "held", "postpone": "postponed", "cancel": "cancelled"}[proposal.kind]
+            new, change = replace(old, status=status), "status_changed"
+        if new != old:
+            store.update_round(conn, old, new, change=change, source="article",
+                               article_id=article_id)
+            by_id[old.id] = new
+            changed.append(old.id)
+    return changed
+
+
+def seed_registry(conn: psycopg.Connection, knowledge: Knowledge,
+                  path: Path = SEED_ROUNDS) -> list[str]:
+    """Load tracks and the shipped calendar into the registry; return ids added or corrected.
+
+    Fields that an article set (per the round's provenance) are left alone; everything
+    else follows the seed file, so a corrected date in seeds/rounds.csv takes effect.
+    """
+    store.upsert_tracks(conn, [(t.id, t.label) for t in knowledge.tracks])
+    existing = {r.id: r for r in store.list_rounds(conn)}
+    changed: list[str] = []
+    for seed in load_seed_rounds(path):
+        old = existing.get(seed.id)
+        if old is None:
+            if store.insert_round(conn, seed, source="seed", article_id=None, note=None):
+                changed.append(seed.id)
+            continue
+        source = store.get_round_source(conn, seed.id)
+        provenance = source[1] if source else {}
+        learned = {f for f, origin in provenance.items()
+                   if isinstance(origin, dict) and origin.get("source") == "article"}
+        new = replace(
+            seed,
+            start=old.start if "start_date" in learned else seed.start,
+            end=old.end if "end_date" in learned else seed.end,
+            venue=old.venue if "venue" in learned else seed.venue,
+            status=old.status if "status" in learned else seed.status,
+        )
+        if new != old:
+            store.update_round(conn, old, new, change="seed_updated", source="seed",
+                               article_id=None)
+            changed.append(seed.id)
+    # The first load changes no story's links: there is nothing to relink yet.
+    return changed if existing else []
+
+
+def prepare_database(conn: psycopg.Connection, knowledge: Knowledge | None = None) -> list[str]:
+    """Apply migrations and seed the registry; return the ids of rounds the seed changed."""
+    store.apply_migrations(conn)
+    with conn.transaction():
+        changed = seed_registry(conn, knowledge or load_knowledge())
+    return changed
+
+
+def relink_window(rnd: Round | None) -> tuple[date, date]:
+    """The publication dates whose stories may link to a round (all time if unknown)."""
+    if rnd is None or rnd.start is None:
+        return date(1990, 1, 1), date(2100, 1, 1)
+    # Previews run up to months ahead and retrospectives long after; a wide window is cheap
+    # because only talks and related stories are read.
+    return rnd.start - timedelta(days=180), (rnd.end or rnd.start) + timedelta(days=365)
+
+
+def relink_round(ctx: Context, round_id: str) -> int:
+    """Re-link the stories that may concern a round after it changed; return how many."""
+    with ctx.pool.connection() as conn:
+        rnd = next((r for r in store.list_rounds(conn) if r.id == round_id), None)
+        start, end = relink_window(rnd)
+        ids = store.list_articles_to_relink(conn, start=start, end=end, round_id=round_id)
+    for article_id in ids:
+        with ctx.pool.connection() as conn:
+            item = store.get_stored_text(conn, article_id)
+        if item is not None:
+            reclassify_stored(ctx, item)
+    log_outcome("relink", "done", round_id=round_id, articles=len(ids))
+    return len(ids)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import psycopg
 from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
 
+from worker.classify import Classification
 from worker.poll import entry_key
+from worker.rounds import Round, RoundLink
 from worker.types import Article, FeedEntry, Page
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
@@ -67,6 +70,7 @@ class ArticleRow:
     final_url: str | None
     canonical_url: str | None
     stored_at: datetime | None
+    feed_published_at: datetime | None
 
 
 # Column lists are spelled out in each statement (no string building), matching the row
@@ -99,6 +103,14 @@ def apply_migrations(conn: psycopg.Connection, directory: Path = MIGRATIONS_DIR)
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
         conn.commit()
     return applied
+
+
+def applied_migrations(conn: psycopg.Connection) -> list[str]:
+    """Versions already applied (empty on a database never migrated)."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+    if not exists or exists[0] is None:
+        return []
+    return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
 
 # --- feeds ------------------------------------------------------------------------------
@@ -257,7 +269,8 @@ def get_article(conn: psycopg.Connection, article_id: int) -> ArticleRow | None:
     with conn.cursor(row_factory=class_row(ArticleRow)) as cur:
         cur.execute(
             "SELECT id, url, state, origin, attempts, fail_reason, fail_detail, title, body,"
-            " author, site_name, language, published_at, final_url, canonical_url, stored_at"
+            " author, site_name, language, published_at, final_url, canonical_url, stored_at,"
+            " feed_published_at"
             " FROM articles WHERE id = %s",
             (article_id,),
         )
@@ -275,7 +288,8 @@ def lease_article(conn: psycopg.Connection, article_id: int, *,
             " WHERE id = %s AND state = 'pending'"
             "   AND (leased_until IS NULL OR leased_until < now())"
             " RETURNING id, url, state, origin, attempts, fail_reason, fail_detail, title, body,"
-            " author, site_name, language, published_at, final_url, canonical_url, stored_at",
+            " author, site_name, language, published_at, final_url, canonical_url, stored_at,"
+            " feed_published_at",
             (lease_seconds, article_id),
         )
         return cur.fetchone()
@@ -372,3 +386,319 @@ def summarize_since(conn: psycopg.Connection, since: datetime) -> dict[str, obje
         )
         summary["failures"] = [(r["kind"], r["reason"], r["n"]) for r in cur.fetchall()]
     return summary
+
+
+# --- classification ---------------------------------------------------------------------
+
+
+def save_classification(conn: psycopg.Connection, article_id: int,
+                        result: Classification) -> tuple[str | None, str | None]:
+    """Replace an article's label and facts; return its previous (label, rules_version)."""
+    previous = conn.execute(
+        "SELECT label, rules_version FROM article_labels WHERE article_id = %s FOR UPDATE",
+        (article_id,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO article_labels (article_id, label, score, tracks, rules_version, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (article_id) DO UPDATE SET label = EXCLUDED.label,"
+        " score = EXCLUDED.score, tracks = EXCLUDED.tracks,"
+        " rules_version = EXCLUDED.rules_version, detail = EXCLUDED.detail,"
+        " classified_at = now()",
+        (article_id, result.label, result.score, list(result.tracks), result.rules_version,
+         Jsonb(result.to_dict())),
+    )
+    conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
+            " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(article_id, *fact, result.rules_version) for fact in _fact_rows(result)],
+        )
+    if previous is not None and previous[0] != result.label:
+        conn.execute(
+            "INSERT INTO label_changes (article_id, old_label, new_label, old_rules_version,"
+            " new_rules_version) VALUES (%s, %s, %s, %s, %s)",
+            (article_id, previous[0], result.label, previous[1], result.rules_version),
+        )
+    return (previous[0], previous[1]) if previous else (None, None)
+
+
+def _fact_rows(result: Classification) -> list[tuple[object, ...]]:
+    # Columns: kind, value, role, side, track, number, relation, date_start, date_end,
+    # span_start, span_end, evidence.
+    rows: list[tuple[object, ...]] = []
+    for hit in result.track_hits:
+        e = hit.evidence
+        rows.append(("track", hit.track, None, None, hit.track, None, None, None, None,
+                     e.start, e.end, e.text))
+    for mention in result.rounds:
+        e = mention.evidence
+        start, end = mention.date_range or (None, None)
+        rows.append(("round", mention.name, None, None, mention.track, mention.number,
+                     mention.relation, start, end, e.start, e.end, e.text))
+    for found in result.dates:
+        e = found.evidence
+        rows.append(("date", None, None, None, None, None, None, found.start, found.end,
+                     e.start, e.end, e.text))
+    for venue in result.venues:
+        e = venue.evidence
+        rows.append(("venue", venue.name, None, None, None, None, None, None, None,
+                     e.start, e.end, e.text))
+    for actor in result.actors:
+        e = actor.evidence
+        rows.append(("actor", actor.name, actor.role, actor.side, None, None, None, None, None,
+                     e.start, e.end, e.text))
+    return rows
+
+
+@dataclass(frozen=True)
+class StoredText:
+    """What reclassification needs of a stored article."""
+
+    id: int
+    title: str | None
+    body: str
+    language: str | None
+    published_at: datetime | None
+
+
+def list_stored_texts(conn: psycopg.Connection, *, since: datetime | None, after_id: int,
+                      limit: int) -> list[StoredText]:
+    """One page of stored articles (published or stored since a time) with id > after_id."""
+    # Keyset pagination: each page is its own short query, so reprocessing a large archive
+    # holds no long transaction open.
+    with conn.cursor(row_factory=class_row(StoredText)) as cur:
+        cur.execute(
+            "SELECT id, title, body, language, published_at FROM articles"
+            " WHERE state = 'stored' AND body IS NOT NULL AND id > %(after)s"
+            "   AND (%(since)s::timestamptz IS NULL"
+            "        OR COALESCE(published_at, stored_at) >= %(since)s::timestamptz)"
+            " ORDER BY id LIMIT %(limit)s",
+            {"since": since, "after": after_id, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def count_stored_since(conn: psycopg.Connection, *, since: datetime | None) -> int:
+    """How many stored articles iter_stored_texts would yield."""
+    row = conn.execute(
+        "SELECT count(*) FROM articles WHERE state = 'stored' AND body IS NOT NULL"
+        " AND (%(since)s::timestamptz IS NULL"
+        "      OR COALESCE(published_at, stored_at) >= %(since)s::timestamptz)",
+        {"since": since},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+
+def upsert_tracks(conn: psycopg.Connection, tracks: Iterable[tuple[str, str]]) -> None:
+    """Insert or rename the negotiation tracks (id, name) the knowledge files define."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO tracks (id, name) VALUES (%s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+            list(tracks),
+        )
+
+
+def list_rounds(conn: psycopg.Connection) -> list[Round]:
+    """Every round in the registry, in track and date order."""
+    rows = conn.execute(
+        "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
+        " ORDER BY track, start_date NULLS LAST, id"
+    ).fetchall()
+    return [Round(*row) for row in rows]
+
+
+def get_round_source(conn: psycopg.Connection, round_id: str) -> tuple[str, dict[str, object]] | None:
+    """A round's source ('seed' or 'article') and per-field provenance, or None."""
+    row = conn.execute("SELECT source, provenance FROM rounds WHERE id = %s", (round_id,)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def insert_round(conn: psycopg.Connection, rnd: Round, *, source: str,
+                 article_id: int | None, note: str | None) -> bool:
+    """Add a round unless its id exists; record the creation. True if it was added."""
+    origin: dict[str, object] = {"source": source}
+    if article_id is not None:
+        origin["article_id"] = article_id
+    provenance = {f: origin for f in ("number", "name", "start_date", "end_date", "venue", "status")}
+    row = conn.execute(
+        "INSERT INTO rounds (id, track, number, name, start_date, end_date, venue, status,"
+        " source, source_article_id, provenance, note)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (rnd.id, rnd.track, rnd.number, rnd.name, rnd.start, rnd.end, rnd.venue, rnd.status,
+         source, article_id, Jsonb(provenance), note),
+    ).fetchone()
+    if row is None:
+        return False
+    conn.execute(
+        "INSERT INTO round_changes (round_id, change, new_value, article_id)"
+        " VALUES (%s, 'created', %s, %s)",
+        (rnd.id, Jsonb(_round_json(rnd)), article_id),
+    )
+    return True
+
+
+def update_round(conn: psycopg.Connection, old: Round, new: Round, *, change: str,
+                 source: str, article_id: int | None) -> None:
+    """Change a round's fields, noting which fields this source set, and record the change."""
+    origin: dict[str, object] = {"source": source}
+    if article_id is not None:
+        origin["article_id"] = article_id
+    old_json, new_json = _round_json(old), _round_json(new)
+    changed = {k: origin for k in new_json if new_json[k] != old_json[k]}
+    if not changed:
+        return
+    conn.execute(
+        "UPDATE rounds SET number = %s, name = %s, start_date = %s, end_date = %s, venue = %s,"
+        " status = %s, provenance = provenance || %s, updated_at = now() WHERE id = %s",
+        (new.number, new.name, new.start, new.end, new.venue, new.status, Jsonb(changed), new.id),
+    )
+    conn.execute(
+        "INSERT INTO round_changes (round_id, change, old_value, new_value, article_id)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (new.id, change, Jsonb({k: old_json[k] for k in changed}),
+         Jsonb({k: new_json[k] for k in changed}), article_id),
+    )
+
+
+def _round_json(rnd: Round) -> dict[str, object]:
+    return {"number": rnd.number, "name": rnd.name,
+            "start_date": rnd.start.isoformat() if rnd.start else None,
+            "end_date": rnd.end.isoformat() if rnd.end else None,
+            "venue": rnd.venue, "status": rnd.status}
+
+
+def replace_round_links(conn: psycopg.Connection, article_id: int, links: Sequence[RoundLink],
+                        *, rules_version: str) -> tuple[int, int]:
+    """Make an article's round links exactly `links`; record what was added and removed."""
+    before = {(r[0], r[1]) for r in conn.execute(
+        "SELECT round_id, relation FROM round_links WHERE article_id = %s FOR UPDATE",
+        (article_id,))}
+    after = {(link.round_id, link.relation): link for link in links}
+    removed = before - after.keys()
+    added = after.keys() - before
+    with conn.cursor() as cur:
+        cur.executemany(
+            "DELETE FROM round_links WHERE article_id = %s AND round_id = %s AND relation = %s",
+            [(article_id, rid, rel) for rid, rel in removed],
+        )
+        cur.executemany(
+            "INSERT INTO round_links (article_id, round_id, relation, confidence, method,"
+            " evidence, span_start, span_end, rules_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (article_id, round_id, relation) DO UPDATE SET"
+            " confidence = EXCLUDED.confidence, method = EXCLUDED.method,"
+            " evidence = EXCLUDED.evidence, span_start = EXCLUDED.span_start,"
+            " span_end = EXCLUDED.span_end, rules_version = EXCLUDED.rules_version,"
+            " linked_at = now()",
+            [(article_id, link.round_id, link.relation, link.confidence, link.method,
+              link.evidence.text, link.evidence.start, link.evidence.end, rules_version)
+             for link in after.values()],
+        )
+        cur.executemany(
+            "INSERT INTO round_link_changes (article_id, round_id, relation, change, confidence,"
+            " rules_version) VALUES (%s, %s, %s, %s, %s, %s)",
+            [(article_id, rid, rel, "removed", None, rules_version) for rid, rel in removed]
+            + [(article_id, rid, rel, "added", after[(rid, rel)].confidence, rules_version)
+               for rid, rel in added],
+        )
+    return len(added), len(removed)
+
+
+def list_articles_to_relink(conn: psycopg.Connection, *, start: date, end: date,
+                            round_id: str | None) -> list[int]:
+    """Talks and related articles published in a window, or already linked to a round."""
+    rows = conn.execute(
+        "SELECT a.id FROM articles a JOIN article_labels l ON l.article_id = a.id"
+        " WHERE l.label IN ('talks', 'related') AND a.state = 'stored'"
+        "   AND a.published_at >= %s AND a.published_at < %s"
+        " UNION"
+        " SELECT article_id FROM round_links WHERE round_id = %s"
+        " ORDER BY 1",
+        (start, end, round_id),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def get_stored_text(conn: psycopg.Connection, article_id: int) -> StoredText | None:
+    """One stored article's text for reclassification, or None."""
+    with conn.cursor(row_factory=class_row(StoredText)) as cur:
+        cur.execute(
+            "SELECT id, title, body, language, published_at FROM articles"
+            " WHERE id = %s AND state = 'stored' AND body IS NOT NULL",
+            (article_id,),
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """A round with its neighbours and how many stories link to it, by relation."""
+
+    id: str
+    track: str
+    number: int | None
+    name: str
+    start_date: date | None
+    end_date: date | None
+    venue: str | None
+    status: str
+    previous_round_id: str | None
+    next_round_id: str | None
+    about: int
+    refers_to: int
+    announces: int
+
+
+def list_round_summaries(conn: psycopg.Connection, *, track: str | None) -> list[RoundSummary]:
+    """Rounds in track and date order with their neighbours and link counts."""
+    with conn.cursor(row_factory=class_row(RoundSummary)) as cur:
+        cur.execute(
+            "SELECT s.id, s.track, s.number, s.name, s.start_date, s.end_date, s.venue, s.status,"
+            " s.previous_round_id, s.next_round_id,"
+            " count(l.*) FILTER (WHERE l.relation = 'about') AS about,"
+            " count(l.*) FILTER (WHERE l.relation = 'refers_to') AS refers_to,"
+            " count(l.*) FILTER (WHERE l.relation = 'announces') AS announces"
+            " FROM round_sequence s LEFT JOIN round_links l ON l.round_id = s.id"
+            " WHERE %(track)s::text IS NULL OR s.track = %(track)s::text"
+            " GROUP BY s.id, s.track, s.number, s.name, s.start_date, s.end_date, s.venue,"
+            "   s.status, s.previous_round_id, s.next_round_id"
+            " ORDER BY s.track, s.start_date NULLS LAST, s.id",
+            {"track": track},
+        )
+        return cur.fetchall()
+
+
+def get_round_summary(conn: psycopg.Connection, round_id: str) -> RoundSummary | None:
+    """One round's summary, or None."""
+    return next((r for r in list_round_summaries(conn, track=None) if r.id == round_id), None)
+
+
+@dataclass(frozen=True)
+class TimelineStory:
+    """One story on a round's timeline."""
+
+    article_id: int
+    published_at: datetime | None
+    relation: str
+    outlet: str | None
+    headline: str | None
+    url: str
+    evidence: str
+
+
+def list_round_timeline(conn: psycopg.Connection, round_id: str) -> list[TimelineStory]:
+    """A round's stories in order of publication, with relation, outlet and headline."""
+    with conn.cursor(row_factory=class_row(TimelineStory)) as cur:
+        cur.execute(
+            "SELECT article_id, published_at, relation, outlet, headline, url, evidence"
+            " FROM round_timeline WHERE round_id = %s ORDER BY published_at NULLS LAST, article_id",
+            (round_id,),
+        )
+        return cur.fetchall()

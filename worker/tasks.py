@@ -89,6 +89,25 @@ def process_article(self: Task, article_id: object) -> None:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
+    enqueue_relinks(outcome.changed_rounds)
+
+
+def enqueue_relinks(round_ids: Iterable[str]) -> None:
+    """Send one relink task per changed round (call only after the change committed)."""
+    for round_id in round_ids:
+        current_app.send_task("talkwire.relink_round", args=[round_id], queue=PROCESS_QUEUE)
+
+
+@shared_task(name="talkwire.relink_round", bind=True, max_retries=None)
+def relink_round(self: Task, round_id: object) -> None:
+    """Re-link the stories around a round whose registry entry changed."""
+    if not isinstance(round_id, str) or not round_id or len(round_id) > 200:
+        log_outcome("relink", "failed", reason="malformed_message", payload=repr(round_id)[:200])
+        return
+    try:
+        pipeline.relink_round(get_context(), round_id)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
 
 
 @shared_task(name="talkwire.dispatch_due_feeds")

@@ -16,8 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import REPO, WorkerProcess, wait_for
-from worker.demo import DEMO_ROOT, demo_feed_paths
-from worker.demo import SiteServer
+from worker.demo import DEMO_ROOT, SiteServer, demo_feed_paths
 
 
 def talkwire(*args: str, env: dict[str, str] | None = None, timeout: float = 240,
