@@ -440,7 +440,7 @@ def eval_classify(corpus: Path) -> None:
     if report is None:
         console.print(f"skipped: no evaluation corpus at {corpus}")
         return
-    console.print(format_classifier_report(report), markup=False, highlight=False)
+    console.print(format_classifier_report(report), markup=False, highlight=False, soft_wrap=True)
 
 
 @eval_group.command("rounds")
@@ -454,7 +454,7 @@ def eval_rounds(corpus: Path) -> None:
     if report is None:
         console.print(f"skipped: no evaluation corpus at {corpus}")
         return
-    console.print(format_rounds_report(report), markup=False, highlight=False)
+    console.print(format_rounds_report(report), markup=False, highlight=False, soft_wrap=True)
 
 
 @main.group()
