@@ -111,7 +111,8 @@ def settings(run_env: dict[str, str]) -> Settings:
 def db(settings: Settings) -> Iterator[psycopg.Connection]:
     """A connection to an emptied database (tables truncated, schema kept)."""
     with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
-        conn.execute("TRUNCATE feeds, articles, entries RESTART IDENTITY CASCADE")
+        # article_bands has no foreign key (see 0004_dedup.sql), so CASCADE does not reach it.
+        conn.execute("TRUNCATE feeds, articles, entries, article_bands RESTART IDENTITY CASCADE")
         yield conn
 
 

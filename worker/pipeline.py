@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 from psycopg_pool import ConnectionPool
 
-from worker import store
+from worker import dedup, lineage, store
 from worker.config import Settings
 from worker.errors import Permanent, Transient
 from worker.extract import extract_article
@@ -74,9 +74,10 @@ class ProcessOutcome:
     """What processing one article did."""
 
     article_id: int
-    outcome: str  # stored | failed | retry | stale
+    outcome: str  # stored | duplicate | failed | retry | stale
     reason: str | None = None
     retry_after: float | None = None
+    filed: lineage.Filed | None = None
 
 
 def poll_feed(ctx: Context, feed_id: int) -> PollOutcome:
@@ -149,10 +150,23 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    # Google News redirect links are unwrapped offline (issue 6); a URL that is already an
+    # alias of a stored article needs no fetch at all.
+    urls = dedup.url_variants(row.url)
+    target = dedup.unwrap_redirect_url(row.url)
+    with ctx.pool.connection() as conn:
+        owner_id = store.find_article_by_url(conn, dedup.canonicalize_url(target))
+    if owner_id is not None and owner_id != article_id:
+        with ctx.pool.connection() as conn, conn.transaction():
+            filed = lineage.file_known_url(conn, article_id, owner_id, urls)
+        log_outcome("process", "duplicate", article_id=article_id, url=row.url,
+                    duplicate_of=owner_id, method="alias", started=started)
+        return ProcessOutcome(article_id, "duplicate", filed=filed)
     try:
-        page = fetch_url(row.url, ctx.limits, client=ctx.http,
+        page = fetch_url(target, ctx.limits, client=ctx.http,
                          accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
         article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
     except Transient as exc:
         with ctx.pool.connection() as conn:
             if final_attempt:
@@ -170,8 +184,52 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         log_outcome("process", "failed", article_id=article_id, url=row.url, reason=exc.reason,
                     started=started)
         return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    filed = None
     with ctx.pool.connection() as conn, conn.transaction():
         stored = store.store_article(conn, article_id, page, article)
-    outcome = "stored" if stored else "stale"
-    log_outcome("process", outcome, article_id=article_id, url=row.url, started=started)
-    return ProcessOutcome(article_id, outcome)
+        if stored:
+            filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                         signature=signature, urls=urls)
+    outcome = "stale" if not stored else "duplicate" if filed and filed.method == "url" else "stored"
+    log_outcome("process", outcome, article_id=article_id, url=row.url, started=started,
+                **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed)
+
+
+def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
+    """Fetch a stored article again; a changed text becomes its next version (issue 6)."""
+    started = time.monotonic()
+    with ctx.pool.connection() as conn:
+        row = store.get_article(conn, article_id)
+    if row is None or row.state != "stored":
+        log_outcome("refresh", "stale", article_id=article_id, started=started)
+        return ProcessOutcome(article_id, "stale")
+    url = row.canonical_url or row.final_url or row.url
+    try:
+        page = fetch_url(url, ctx.limits, client=ctx.http,
+                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+        article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
+    except Transient as exc:
+        log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "retry", reason=exc.reason, retry_after=exc.retry_after)
+    except Permanent as exc:
+        # A stored article whose page is gone keeps what we have; the reason is logged only.
+        log_outcome("refresh", "failed", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    with ctx.pool.connection() as conn, conn.transaction():
+        filed = lineage.refile_article(conn, article_id, page=page, article=article,
+                                       signature=signature)
+    outcome = "stale" if filed is None else "version" if filed.new_version else "unchanged"
+    log_outcome("refresh", outcome, article_id=article_id, url=url, started=started,
+                **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed)
+
+
+def _filed_keys(filed: lineage.Filed | None) -> dict[str, object]:
+    if filed is None:
+        return {}
+    return {"method": filed.method, "score": filed.score, "story_id": filed.story_id,
+            "version": filed.version, "filed_as": filed.article_id}
