@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -350,6 +351,25 @@ def ingest(url: str) -> None:
     console.print(table)
     if row.state == "failed":
         sys.exit(1)
+
+
+@main.group(name="eval")
+def eval_group() -> None:
+    """Measure talkwire's stages on the shared evaluation data."""
+
+
+@eval_group.command("dedup")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True, help="The eval-data folder (read only, never shipped).")
+def eval_dedup(corpus: Path) -> None:
+    """Precision and recall of dedup on the labelled wire-copy pairs; false merges elsewhere."""
+    from worker.eval_dedup import evaluate_dedup, format_report
+
+    result = evaluate_dedup(corpus)
+    if result is None:
+        console.print(f"skipped: no reuters_feed_2016_teftst corpus under {corpus}")
+        return
+    click.echo(format_report(result))
 
 
 if __name__ == "__main__":
