@@ -188,14 +188,14 @@ def sweep_thresholds(result: DedupEval) -> list[tuple[float, float, float, int]]
 def format_report(result: DedupEval) -> str:
     """The evaluation as plain text lines: headline figures, each labelled pair, a sweep."""
     lines = [
-        f"dedup rules {dedup.RULES_VERSION}, signature {dedup.SIGNATURE_METHOD}, "
-        f"near threshold {dedup.NEAR_THRESHOLD} (containment of {dedup.SHINGLE_WORDS}-word shingles)",
-        f"articles: {result.articles} ({len(result.skipped)} without text), "
-        f"labelled pairs: {len(result.labelled)}, merged pairs: {len(result.predicted)}",
-        f"precision: {result.precision:.3f}  recall: {result.recall:.3f}  "
-        f"false merges: {len(result.false_merges)} of "
-        f"{result.articles * (result.articles - 1) // 2 - len(result.labelled)} other pairs  "
-        f"false merges with a talks article: {len(result.talks_false_merges)}",
+        (f"dedup rules {dedup.RULES_VERSION}, signature {dedup.SIGNATURE_METHOD}, "
+         f"near threshold {dedup.NEAR_THRESHOLD} (containment of {dedup.SHINGLE_WORDS}-word shingles)"),
+        (f"articles: {result.articles} ({len(result.skipped)} without text), "
+         f"labelled pairs: {len(result.labelled)}, merged pairs: {len(result.predicted)}"),
+        (f"precision: {result.precision:.3f}  recall: {result.recall:.3f}  "
+         f"false merges: {len(result.false_merges)} of "
+         f"{result.articles * (result.articles - 1) // 2 - len(result.labelled)} other pairs  "
+         f"false merges with a talks article: {len(result.talks_false_merges)}"),
         "",
         "labelled pairs (method, containment, jaccard):",
     ]
@@ -210,8 +210,8 @@ def format_report(result: DedupEval) -> str:
     for pair in sorted(result.false_merges, key=sorted):
         lines.append(f"  FALSE MERGE  {' ~ '.join(sorted(pair))}")
     lsh_found = sum(1 for p in result.labelled if p in by_pair)
-    lines += ["", f"LSH candidates: {len(result.edges)} verified, {lsh_found} of "
-              f"{len(result.labelled)} labelled pairs among them",
+    lines += ["", (f"LSH candidates: {len(result.edges)} verified, {lsh_found} of "
+                   f"{len(result.labelled)} labelled pairs among them"),
               "", "threshold sweep over all pairs, without LSH (precision, recall, false merges):"]
     for threshold, precision, recall, false in sweep_thresholds(result):
         mark = "  <- in use" if threshold == dedup.NEAR_THRESHOLD else ""
@@ -222,8 +222,8 @@ def format_report(result: DedupEval) -> str:
     weakest = min((e for e in result.all_pairs if frozenset((e.later, e.earlier)) in result.labelled),
                   key=lambda e: e.similarity.containment, default=None)
     if weakest is not None:
-        lines += ["", f"weakest labelled pair: containment {weakest.similarity.containment:.3f}, "
-                      f"jaccard {weakest.similarity.jaccard:.3f}"]
+        lines += ["", (f"weakest labelled pair: containment {weakest.similarity.containment:.3f}, "
+                       f"jaccard {weakest.similarity.jaccard:.3f}")]
     lines += ["closest unlabelled pairs (containment, jaccard):"]
     for e in near_misses:
         lines.append(f"  {e.similarity.containment:.3f}  {e.similarity.jaccard:.3f}  "

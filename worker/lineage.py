@@ -223,21 +223,22 @@ def place_in_story(conn: psycopg.Connection, article_id: int, current_story: int
                    matches: list[Match]) -> int:
     """Put an article in the story of its matches (merging stories it bridges) or its own."""
     touched: set[int] = set()
-    if current_story is not None and not any(m.story_id == current_story for m in matches):
-        if store.count_story_members(conn, current_story) > 1:
-            # Its new text no longer matches its story mates: take it out (a split).
-            touched.add(current_story)
-            left = current_story
-            current_story = None
-            if not matches:
-                new_story = store.create_story(conn, article_id)
-                store.record_story_change(conn, "story_split", story_id=left,
-                                          article_id=article_id, other_story_id=new_story)
-                _refresh(conn, left)
-                return new_story
-            target = min(m.story_id for m in matches)
+    if (current_story is not None
+            and not any(m.story_id == current_story for m in matches)
+            and store.count_story_members(conn, current_story) > 1):
+        # Its new text no longer matches its story mates: take it out (a split).
+        touched.add(current_story)
+        left = current_story
+        current_story = None
+        if not matches:
+            new_story = store.create_story(conn, article_id)
             store.record_story_change(conn, "story_split", story_id=left,
-                                      article_id=article_id, other_story_id=target)
+                                      article_id=article_id, other_story_id=new_story)
+            _refresh(conn, left)
+            return new_story
+        target = min(m.story_id for m in matches)
+        store.record_story_change(conn, "story_split", story_id=left,
+                                  article_id=article_id, other_story_id=target)
     if not matches:
         if current_story is not None:
             _refresh(conn, current_story)

@@ -8,7 +8,7 @@ aliases, decisions and the change records.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import quote
 
@@ -27,7 +27,7 @@ PAGES = FIXTURES / "site" / "pages" / "dedup"
 DYNAMIC: dict[str, tuple[str, slice | None]] = {}
 
 
-def serve_dynamic(path: str):  # noqa: ANN201 - a route handler
+def serve_dynamic(path: str) -> Callable[[BaseHTTPRequestHandler, str], None]:
     def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
         name, keep = DYNAMIC[path]
         html = (PAGES / name).read_text(encoding="utf-8").replace("{base}", base)
