@@ -107,12 +107,30 @@ def settings(run_env: dict[str, str]) -> Settings:
     return load_settings()
 
 
+def purge_redis(settings: Settings) -> None:
+    """Delete every key of this run's prefix: queues, unacked messages, locks."""
+    import redis
+
+    url = settings.redis_url or ""
+    # kombu spells a unix socket redis+socket://; redis-py spells it unix://.
+    client = redis.Redis.from_url(url.replace("redis+socket://", "unix://", 1))
+    try:
+        keys = list(client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture()
 def db(settings: Settings) -> Iterator[psycopg.Connection]:
-    """A connection to an emptied database (tables truncated, schema kept)."""
+    """A connection to an emptied database (tables truncated, schema kept) and empty queues."""
+    purge_redis(settings)
     with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
         # Everything goes, the registry too; then the shipped calendar is loaded again.
-        conn.execute("TRUNCATE feeds, articles, entries, rounds, tracks RESTART IDENTITY CASCADE")
+        # article_bands has no foreign key (see 0004_dedup.sql), so CASCADE does not reach it.
+        conn.execute("TRUNCATE feeds, articles, entries, article_bands, rounds, tracks"
+                     " RESTART IDENTITY CASCADE")
         with conn.transaction():
             from worker.classify import load_knowledge
             from worker.pipeline import seed_registry

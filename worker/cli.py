@@ -510,5 +510,19 @@ def rounds_show(round_id: str) -> None:
     console.print(table)
 
 
+@eval_group.command("dedup")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True, help="The eval-data folder (read only, never shipped).")
+def eval_dedup(corpus: Path) -> None:
+    """Precision and recall of dedup on the labelled wire-copy pairs; false merges elsewhere."""
+    from worker.eval_dedup import evaluate_dedup, format_report
+
+    result = evaluate_dedup(corpus)
+    if result is None:
+        console.print(f"skipped: no reuters_feed_2016_teftst corpus under {corpus}")
+        return
+    click.echo(format_report(result))
+
+
 if __name__ == "__main__":
     main()

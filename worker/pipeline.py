@@ -18,7 +18,7 @@ import httpx
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from worker import store
+from worker import dedup, lineage, store
 from worker.classify import (
     Classification,
     Knowledge,
@@ -96,12 +96,13 @@ class ProcessOutcome:
     """What processing one article did."""
 
     article_id: int
-    outcome: str  # stored | failed | retry | stale
+    outcome: str  # stored | duplicate | failed | retry | stale
     reason: str | None = None
     retry_after: float | None = None
     label: str | None = None
     # Rounds this article created or changed: the caller relinks their stories after commit.
     changed_rounds: tuple[str, ...] = ()
+    filed: lineage.Filed | None = None
 
 
 def poll_feed(ctx: Context, feed_id: int) -> PollOutcome:
@@ -174,10 +175,23 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    # Google News redirect links are unwrapped offline (issue 6); a URL that is already an
+    # alias of a stored article needs no fetch at all.
+    urls = dedup.url_variants(row.url)
+    target = dedup.unwrap_redirect_url(row.url)
+    with ctx.pool.connection() as conn:
+        owner_id = store.find_article_by_url(conn, dedup.canonicalize_url(target))
+    if owner_id is not None and owner_id != article_id:
+        with ctx.pool.connection() as conn, conn.transaction():
+            filed = lineage.file_known_url(conn, article_id, owner_id, urls)
+        log_outcome("process", "duplicate", article_id=article_id, url=row.url,
+                    duplicate_of=owner_id, method="alias", started=started)
+        return ProcessOutcome(article_id, "duplicate", filed=filed)
     try:
-        page = fetch_url(row.url, ctx.limits, client=ctx.http,
+        page = fetch_url(target, ctx.limits, client=ctx.http,
                          accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
         article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
     except Transient as exc:
         with ctx.pool.connection() as conn:
             if final_attempt:
@@ -199,18 +213,70 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     result = classify_text(ctx, title=article.title, text=article.text,
                            language=article.language, published=published)
     document = compose_document(article.title, article.text)
+    filed = None
+    changed_rounds: list[str] = []
     with ctx.pool.connection() as conn, conn.transaction():
         stored = store.store_article(conn, article_id, page, article)
-        changed_rounds: list[str] = []
         if stored:
+            filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                         signature=signature, urls=urls)
+        if stored and not (filed and filed.method == "url"):
             store.save_classification(conn, article_id, result)
             changed_rounds = link_article(conn, ctx, article_id, result, document,
                                           published.date() if published else None)
-    outcome = "stored" if stored else "stale"
+    outcome = "stale" if not stored else "duplicate" if filed and filed.method == "url" else "stored"
     log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
-                started=started)
-    return ProcessOutcome(article_id, outcome, label=result.label,
+                started=started, **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=tuple(changed_rounds))
+
+
+def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
+    """Fetch a stored article again; a changed text becomes its next version (issue 6)."""
+    started = time.monotonic()
+    with ctx.pool.connection() as conn:
+        row = store.get_article(conn, article_id)
+    if row is None or row.state != "stored":
+        log_outcome("refresh", "stale", article_id=article_id, started=started)
+        return ProcessOutcome(article_id, "stale")
+    url = row.canonical_url or row.final_url or row.url
+    try:
+        page = fetch_url(url, ctx.limits, client=ctx.http,
+                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+        article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
+    except Transient as exc:
+        log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "retry", reason=exc.reason, retry_after=exc.retry_after)
+    except Permanent as exc:
+        # A stored article whose page is gone keeps what we have; the reason is logged only.
+        log_outcome("refresh", "failed", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    published = article.published or row.published_at
+    result = classify_text(ctx, title=article.title, text=article.text,
+                           language=article.language, published=published)
+    with ctx.pool.connection() as conn, conn.transaction():
+        filed = lineage.refile_article(conn, article_id, page=page, article=article,
+                                       signature=signature)
+        if filed is not None and filed.new_version:
+            # Labels and round links follow the latest version of the text.
+            store.save_classification(conn, article_id, result)
+            link_article(conn, ctx, article_id, result,
+                         compose_document(article.title, article.text),
+                         published.date() if published else None)
+    outcome = "stale" if filed is None else "version" if filed.new_version else "unchanged"
+    log_outcome("refresh", outcome, article_id=article_id, url=url, started=started,
+                **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed)
+
+
+def _filed_keys(filed: lineage.Filed | None) -> dict[str, object]:
+    if filed is None:
+        return {}
+    return {"method": filed.method, "score": filed.score, "story_id": filed.story_id,
+            "version": filed.version, "filed_as": filed.article_id}
 
 
 def classify_text(ctx: Context, *, title: str | None, text: str, language: str | None,

@@ -300,7 +300,8 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
     """Store extracted content and mark the article stored; False if it was not pending."""
     content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
     cur = conn.execute(
-        "UPDATE articles SET state = 'stored', final_url = %s, canonical_url = %s,"
+        # canonical_url is talkwire's own (set by the dedup step); the page's claim is kept apart.
+        "UPDATE articles SET state = 'stored', final_url = %s, declared_url = %s,"
         " http_status = %s, title = %s, body = %s, author = %s, site_name = %s, language = %s,"
         " description = %s, published_at = COALESCE(%s, feed_published_at),"
         " content_hash = %s, extractor = %s, extract_warnings = %s, fetched_at = now(),"
@@ -702,3 +703,298 @@ def list_round_timeline(conn: psycopg.Connection, round_id: str) -> list[Timelin
             (round_id,),
         )
         return cur.fetchall()
+
+
+# --- dedup: aliases, signatures, stories, versions, decisions (issue 6) ----------------
+
+
+@dataclass(frozen=True)
+class DedupRow:
+    """An article as the dedup step sees it: identity, latest text and story."""
+
+    id: int
+    state: str
+    url: str
+    canonical_url: str | None
+    final_url: str | None
+    title: str | None
+    body: str | None
+    content_hash: str | None
+    fingerprint: str | None
+    shingle_count: int | None
+    version: int
+    story_id: int | None
+    published_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """A stored article that may be a copy of a new one: its text and its story."""
+
+    id: int
+    title: str | None
+    body: str
+    story_id: int | None
+    shingle_count: int | None
+
+
+@dataclass(frozen=True)
+class StoryRefresh:
+    """A story's representative before and after a membership change, and its size."""
+
+    story_id: int
+    old_representative_id: int
+    representative_id: int
+    member_count: int
+
+
+def lock_dedup_keys(conn: psycopg.Connection, keys: Sequence[int]) -> None:
+    """Take transaction advisory locks on the keys (URL, fingerprint, bands) in sorted order."""
+    # Two copies of one story processed at once share at least one key, so the second waits
+    # for the first to commit and then sees it; sorted order rules out lock-order deadlocks.
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(k)"
+        " FROM (SELECT DISTINCT k FROM unnest(%s::bigint[]) AS k ORDER BY k) AS sorted_keys",
+        (list(keys),),
+    )
+
+
+def find_article_by_url(conn: psycopg.Connection, url: str) -> int | None:
+    """The article that owns this URL as an alias (any variant, or its canonical form)."""
+    row = conn.execute("SELECT article_id FROM article_aliases WHERE url = %s", (url,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def add_aliases(conn: psycopg.Connection, article_id: int,
+                aliases: Iterable[tuple[str, str]]) -> None:
+    """Record (url, kind) aliases of an article; a URL already owned keeps its owner."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO article_aliases (url, article_id, kind) VALUES (%s, %s, %s)"
+            " ON CONFLICT (url) DO NOTHING",
+            [(url, article_id, kind) for url, kind in dict(aliases).items()],
+        )
+
+
+def get_dedup_row(conn: psycopg.Connection, article_id: int) -> DedupRow | None:
+    """One article's identity, latest text and story, or None."""
+    with conn.cursor(row_factory=class_row(DedupRow)) as cur:
+        cur.execute(
+            "SELECT id, state, url, canonical_url, final_url, title, body, content_hash,"
+            " fingerprint, shingle_count, version, story_id, published_at"
+            " FROM articles WHERE id = %s",
+            (article_id,),
+        )
+        return cur.fetchone()
+
+
+def set_article_identity(conn: psycopg.Connection, article_id: int, *, canonical_url: str,
+                         outlet: str | None, fingerprint: str, shingle_count: int) -> None:
+    """Give a newly stored article its canonical URL, outlet and fingerprint, as version 1."""
+    conn.execute(
+        "UPDATE articles SET canonical_url = %s, outlet = %s, fingerprint = %s,"
+        " shingle_count = %s, version = 1 WHERE id = %s",
+        (canonical_url, outlet, fingerprint, shingle_count, article_id),
+    )
+
+
+def mark_duplicate(conn: psycopg.Connection, article_id: int, owner_id: int) -> bool:
+    """Turn an article row into a tombstone pointing at the article its URL names."""
+    # The text lives on in the owner's versions; the row stays so its URL is not fetched again.
+    cur = conn.execute(
+        "UPDATE articles SET state = 'duplicate', duplicate_of = %s,"
+        " latest_id = (SELECT COALESCE(o.latest_id, o.id) FROM articles o WHERE o.id = %s),"
+        " body = NULL, leased_until = NULL, fail_reason = NULL, fail_detail = NULL,"
+        " stored_at = COALESCE(stored_at, now())"
+        " WHERE id = %s AND state IN ('pending', 'stored')",
+        (owner_id, owner_id, article_id),
+    )
+    return cur.rowcount == 1
+
+
+def move_entries(conn: psycopg.Connection, from_article_id: int, to_article_id: int) -> int:
+    """Re-point feed sightings of one article to another; return how many moved."""
+    cur = conn.execute("UPDATE entries SET article_id = %s WHERE article_id = %s",
+                       (to_article_id, from_article_id))
+    return cur.rowcount
+
+
+def find_exact_copies(conn: psycopg.Connection, fingerprint: str, *, exclude_id: int,
+                      limit: int) -> list[int]:
+    """Stored articles whose normalized text has this fingerprint, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM articles WHERE fingerprint = %s AND state = 'stored' AND id <> %s"
+        " ORDER BY id LIMIT %s",
+        (fingerprint, exclude_id, limit),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def find_band_candidates(conn: psycopg.Connection, band_keys: Sequence[int], *,
+                         exclude_id: int, limit: int) -> list[tuple[int, int]]:
+    """Articles sharing LSH bands with a signature, as (article_id, shared bands), most first."""
+    # One probe of the (band_key, article_id) primary key per band: index-only, independent
+    # of how many signatures are stored.
+    rows = conn.execute(
+        "SELECT article_id, count(*) FROM article_bands"
+        " WHERE band_key = ANY(%s::bigint[]) AND article_id <> %s"
+        " GROUP BY article_id ORDER BY count(*) DESC, article_id LIMIT %s",
+        (list(band_keys), exclude_id, limit),
+    ).fetchall()
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def get_candidate_texts(conn: psycopg.Connection, article_ids: Sequence[int]) -> list[CandidateRow]:
+    """The latest text and story of stored articles, in id order."""
+    with conn.cursor(row_factory=class_row(CandidateRow)) as cur:
+        cur.execute(
+            "SELECT id, title, body, story_id, shingle_count FROM articles"
+            " WHERE id = ANY(%s::bigint[]) AND state = 'stored' AND body IS NOT NULL ORDER BY id",
+            (list(article_ids),),
+        )
+        return cur.fetchall()
+
+
+def delete_bands(conn: psycopg.Connection, article_id: int) -> None:
+    """Remove an article's LSH band rows (before its signature is replaced)."""
+    conn.execute(
+        "DELETE FROM article_bands b USING article_signatures s"
+        " WHERE s.article_id = %s AND b.band_key = ANY(s.band_keys) AND b.article_id = s.article_id",
+        (article_id,),
+    )
+
+
+def upsert_signature(conn: psycopg.Connection, article_id: int, *, version: int,
+                     shingle_count: int, band_keys: Sequence[int], method: str) -> None:
+    """Store (or replace) the signature of an article's latest text."""
+    conn.execute(
+        "INSERT INTO article_signatures (article_id, version, shingle_count, band_keys, method)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (article_id) DO UPDATE SET"
+        " version = EXCLUDED.version, shingle_count = EXCLUDED.shingle_count,"
+        " band_keys = EXCLUDED.band_keys, method = EXCLUDED.method, signed_at = now()",
+        (article_id, version, shingle_count, list(band_keys), method),
+    )
+
+
+def insert_bands(conn: psycopg.Connection, article_id: int, band_keys: Sequence[int]) -> None:
+    """Index an article under each of its LSH band keys."""
+    conn.execute(
+        "INSERT INTO article_bands (band_key, article_id)"
+        " SELECT k, %s FROM unnest(%s::bigint[]) AS k ON CONFLICT DO NOTHING",
+        (article_id, list(band_keys)),
+    )
+
+
+def insert_version(conn: psycopg.Connection, article_id: int, version: int, *,
+                   title: str | None, body: str, content_hash: str, fingerprint: str,
+                   final_url: str | None, fetched_by: int, diff_summary: str | None,
+                   diff: dict[str, object] | None, material: bool) -> bool:
+    """Record one version of an article's text; False if that version number exists."""
+    cur = conn.execute(
+        "INSERT INTO article_versions (article_id, version, title, body, content_hash,"
+        " fingerprint, final_url, fetched_by, diff_summary, diff, material)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (article_id, version, title, body, content_hash, fingerprint, final_url, fetched_by,
+         diff_summary, Jsonb(diff) if diff is not None else None, material),
+    )
+    return cur.rowcount == 1
+
+
+def update_article_text(conn: psycopg.Connection, article_id: int, *, version: int,
+                        title: str | None, body: str, content_hash: str, fingerprint: str,
+                        shingle_count: int, final_url: str | None) -> None:
+    """Make a new version the article's current text (labels and links read this row)."""
+    conn.execute(
+        "UPDATE articles SET version = %s, title = COALESCE(%s, title), body = %s,"
+        " content_hash = %s, fingerprint = %s, shingle_count = %s,"
+        " final_url = COALESCE(%s, final_url), fetched_at = now() WHERE id = %s",
+        (version, title, body, content_hash, fingerprint, shingle_count, final_url, article_id),
+    )
+
+
+def link_update(conn: psycopg.Connection, article_id: int, earlier_id: int) -> None:
+    """Record that an article updates an earlier one, and make it the newest of that chain."""
+    conn.execute("UPDATE articles SET update_of = %s WHERE id = %s", (earlier_id, article_id))
+    # Everything that followed the earlier article (or what it already led to) now follows
+    # the new one: that is where labels and round links should be read.
+    conn.execute(
+        "WITH chain AS (SELECT COALESCE(latest_id, id) AS head FROM articles WHERE id = %(e)s)"
+        " UPDATE articles SET latest_id = %(n)s"
+        " WHERE id <> %(n)s AND (id = %(e)s OR latest_id = %(e)s"
+        "   OR id = (SELECT head FROM chain) OR latest_id = (SELECT head FROM chain))",
+        {"e": earlier_id, "n": article_id},
+    )
+
+
+def create_story(conn: psycopg.Connection, representative_id: int) -> int:
+    """Open a story with one article as its representative and only member; return its id."""
+    row = conn.execute("INSERT INTO stories (representative_id) VALUES (%s) RETURNING id",
+                       (representative_id,)).fetchone()
+    assert row is not None
+    conn.execute("UPDATE articles SET story_id = %s WHERE id = %s", (row[0], representative_id))
+    return int(row[0])
+
+
+def set_article_story(conn: psycopg.Connection, article_id: int, story_id: int) -> None:
+    """File one article under a story."""
+    conn.execute("UPDATE articles SET story_id = %s WHERE id = %s", (story_id, article_id))
+
+
+def merge_story(conn: psycopg.Connection, story_id: int, into_story_id: int) -> int:
+    """Move every member of a story into another and mark it merged; return members moved."""
+    cur = conn.execute("UPDATE articles SET story_id = %s WHERE story_id = %s",
+                       (into_story_id, story_id))
+    conn.execute("UPDATE stories SET merged_into = %s, member_count = 0, updated_at = now()"
+                 " WHERE id = %s", (into_story_id, story_id))
+    # Stories merged into this one earlier now point at the survivor too.
+    conn.execute("UPDATE stories SET merged_into = %s WHERE merged_into = %s",
+                 (into_story_id, story_id))
+    return cur.rowcount
+
+
+def count_story_members(conn: psycopg.Connection, story_id: int) -> int:
+    """How many stored articles a story holds."""
+    row = conn.execute("SELECT count(*) FROM articles WHERE story_id = %s AND state = 'stored'",
+                       (story_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def refresh_story(conn: psycopg.Connection, story_id: int) -> StoryRefresh | None:
+    """Recount a story and re-pick its representative: the most complete text, then earliest."""
+    row = conn.execute(
+        "WITH best AS ("
+        "  SELECT id, count(*) OVER () AS n FROM articles"
+        "  WHERE story_id = %(s)s AND state = 'stored'"
+        "  ORDER BY shingle_count DESC NULLS LAST, published_at NULLS LAST, id LIMIT 1),"
+        " old AS (SELECT representative_id FROM stories WHERE id = %(s)s)"
+        " UPDATE stories s SET representative_id = best.id, member_count = best.n,"
+        "   updated_at = now()"
+        " FROM best, old WHERE s.id = %(s)s"
+        " RETURNING s.id, old.representative_id, s.representative_id, s.member_count",
+        {"s": story_id},
+    ).fetchone()
+    return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def record_decision(conn: psycopg.Connection, article_id: int, *, version: int, method: str,
+                    score: float, matched_article_id: int | None, story_id: int | None,
+                    evidence: dict[str, object], rules_version: str) -> None:
+    """Record how and why one article (version) was filed."""
+    conn.execute(
+        "INSERT INTO dedup_decisions (article_id, version, method, score, matched_article_id,"
+        " story_id, evidence, rules_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (article_id, version, method, score, matched_article_id, story_id, Jsonb(evidence),
+         rules_version),
+    )
+
+
+def record_story_change(conn: psycopg.Connection, kind: str, *, story_id: int | None,
+                        article_id: int | None = None, other_story_id: int | None = None,
+                        other_article_id: int | None = None,
+                        detail: dict[str, object] | None = None) -> None:
+    """Append one change to the story graph for consumers to follow."""
+    conn.execute(
+        "INSERT INTO story_changes (kind, story_id, article_id, other_story_id,"
+        " other_article_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+        (kind, story_id, article_id, other_story_id, other_article_id, Jsonb(detail or {})),
+    )

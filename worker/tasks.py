@@ -110,6 +110,22 @@ def relink_round(self: Task, round_id: object) -> None:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
 
 
+@shared_task(name="talkwire.refresh_article", bind=True, max_retries=None)
+def refresh_article(self: Task, article_id: object) -> None:
+    """Fetch a stored article again and record a new version if its text changed."""
+    aid = _message_id(article_id)
+    if aid is None:
+        log_outcome("refresh", "failed", reason="malformed_message", payload=repr(article_id)[:200])
+        return
+    ctx = get_context()
+    try:
+        outcome = pipeline.refresh_article(ctx, aid)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+    if outcome.outcome == "retry" and self.request.retries < ctx.settings.max_retries:
+        raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
+
+
 @shared_task(name="talkwire.dispatch_due_feeds")
 def dispatch_due_feeds() -> int:
     """Claim the feeds that are due and enqueue a poll for each; run by beat."""
