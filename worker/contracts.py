@@ -136,7 +136,7 @@ def load_validators(directory: Path = SCHEMAS_DIR) -> dict[tuple[str, int], Draf
     return validators
 
 
-def payload_bytes(payload: object) -> bytes:
+def encode_payload(payload: object) -> bytes:
     """The bytes of a payload as received: bytes as they are, text as UTF-8, else its JSON."""
     if isinstance(payload, bytes):
         return payload
@@ -152,7 +152,7 @@ def sniff_producer(payload: object) -> str | None:
     if isinstance(payload, Mapping):
         value = payload.get("producer")
         return value[:64] if isinstance(value, str) else None
-    match = _PRODUCER_SNIFF.search(payload_bytes(payload)[:65536])
+    match = _PRODUCER_SNIFF.search(encode_payload(payload)[:65536])
     return match.group(1).decode("ascii") if match else None
 
 
@@ -163,7 +163,7 @@ def decode_message(payload: object, *, kind: str | None, max_bytes: int = DEFAUL
     made of it (a Celery argument). `kind` is the task's message type, or None when the
     message must name its own (the stream).
     """
-    raw = payload_bytes(payload)
+    raw = encode_payload(payload)
     if len(raw) > max_bytes:
         raise InvalidMessage("too_large", f"{len(raw)} bytes; the limit is {max_bytes}",
                              producer=sniff_producer(payload), kind=kind)

@@ -43,7 +43,7 @@ class IntakeStats:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
-def stream_key(settings: Settings) -> str:
+def resolve_stream_key(settings: Settings) -> str:
     """The intake stream's Redis key, under the deployment's key prefix."""
     return settings.redis_prefix + settings.intake_stream
 
@@ -65,7 +65,7 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
-def consumer_name() -> str:
+def make_consumer_name() -> str:
     """A consumer name unique to this process, so a restart never inherits a dead one's name."""
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -79,9 +79,9 @@ class Intake:
         self.ctx = ctx
         self.client = client
         self.enqueue = enqueue
-        self.stream = stream_key(s)
+        self.stream = resolve_stream_key(s)
         self.group = s.intake_group
-        self.consumer = consumer or consumer_name()
+        self.consumer = consumer or make_consumer_name()
         self.claim_idle_ms = int(s.intake_claim_idle * 1000)
         self.batch = s.intake_batch
         self._claim_cursor = "0-0"

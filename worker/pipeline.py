@@ -18,7 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from worker import store
 from worker.config import Settings
-from worker.contracts import IngestDocument, IngestUrl, InvalidMessage, decode_message, payload_bytes
+from worker.contracts import IngestDocument, IngestUrl, InvalidMessage, decode_message, encode_payload
 from worker.errors import Permanent, Transient
 from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
@@ -232,17 +232,21 @@ def accept_message(ctx: Context, payload: object, *, kind: str | None, via: str,
 def reject_message(ctx: Context, payload: object, error: InvalidMessage, *, via: str,
                    source_ref: str | None) -> IntakeOutcome:
     """Store a rejected message as a dead letter with its reason; never raises on bad input."""
-    raw = payload_bytes(payload)
+    raw = encode_payload(payload)
     truncated = len(raw) > ctx.settings.dead_letter_max_bytes
+    # Everything but the payload (bytea) goes into text columns; a producer-made value with a
+    # NUL or of another type must not make the dead letter itself fail.
+    ref = _clean_text(source_ref, 200)
+    producer = _clean_text(error.producer, 64)
     with ctx.pool.connection() as conn:
         dead_letter_id = store.record_dead_letter(
-            conn, via=via, source_ref=source_ref, kind=error.kind, producer=error.producer,
-            reason=error.reason, detail=error.detail,
+            conn, via=via, source_ref=ref, kind=error.kind, producer=producer,
+            reason=error.reason, detail=_clean_text(error.detail, 2000) or "",
             payload=raw[:DEAD_LETTER_HEAD_BYTES] if truncated else raw,
             payload_size=len(raw), payload_sha256=hashlib.sha256(raw).hexdigest(),
             payload_truncated=truncated)
-    log_outcome("intake", "dead_letter", via=via, source_ref=source_ref, reason=error.reason,
-                producer=error.producer, dead_letter_id=dead_letter_id, detail=error.detail[:200])
+    log_outcome("intake", "dead_letter", via=via, source_ref=ref, reason=error.reason,
+                producer=producer, dead_letter_id=dead_letter_id, detail=error.detail[:200])
     return IntakeOutcome("dead_letter", reason=error.reason, dead_letter_id=dead_letter_id)
 
 
@@ -325,3 +329,9 @@ def _duplicate(message: IngestUrl | IngestDocument, claim: store.SubmissionClaim
                 article_id=claim.article_id, url=message.url, conflict=conflict, started=started)
     return IntakeOutcome("duplicate", claim.article_id,
                          reason="idempotency_conflict" if conflict else None)
+
+
+def _clean_text(value: object, limit: int) -> str | None:
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\\x00")[:limit]

@@ -80,7 +80,7 @@ def submit_document(url: str, content: str, *, producer: str, content_type: str 
 
 def send_message(kind: str, message: dict[str, Any], *, app: Celery | None = None) -> Submitted:
     """Validate a message of this kind and send it to its public task on the intake queue."""
-    app = app or default_app()
+    app = app or get_default_app()
     settings = getattr(app, "talkwire_settings", None)
     max_bytes = settings.message_max_bytes if settings is not None else DEFAULT_MAX_BYTES
     checked = decode_message(message, kind=kind, max_bytes=max_bytes)
@@ -89,7 +89,7 @@ def send_message(kind: str, message: dict[str, Any], *, app: Celery | None = Non
                      idempotency_key=checked.idempotency_key)
 
 
-def default_app() -> Celery:
+def get_default_app() -> Celery:
     """The Celery app for talkwire's settings from the environment (REDIS_URL must be set)."""
     global _APP
     if _APP is None:

@@ -30,7 +30,7 @@ from worker.celery_app import create_app
 from worker.config import Settings
 from worker.contracts import InvalidMessage
 from worker.demo import SiteServer
-from worker.intake import connect_redis, stream_key
+from worker.intake import connect_redis, resolve_stream_key
 from worker.producer import submit_document, submit_url
 
 EXAMPLES = REPO / "docs" / "examples"
@@ -71,7 +71,7 @@ def app(settings: Settings) -> Celery:
 @pytest.fixture()
 def rstream(settings: Settings) -> Iterator[tuple[redis.Redis, str]]:
     client = connect_redis(settings.redis_url or "")
-    yield client, stream_key(settings)
+    yield client, resolve_stream_key(settings)
     client.close()
 
 
@@ -170,7 +170,7 @@ def test_the_redis_cli_example_from_the_docs_works(
     message = json.dumps({"type": "ingest_url", "version": 1, "producer": "desk-cli",
                           "url": site.url("pages/geneve6-cloture.html")})
     # docs/producers.md: redis-cli XADD talkwire:intake '*' message '{...}'
-    subprocess.run(["redis-cli", *target, "XADD", stream_key(settings), "*", "message", message],
+    subprocess.run(["redis-cli", *target, "XADD", resolve_stream_key(settings), "*", "message", message],
                    check=True, capture_output=True, timeout=30)
     wait_for(lambda: stored_urls(clean) == {site.url("pages/geneve6-cloture.html")}, 60,
              "the redis-cli article stored")
@@ -438,3 +438,19 @@ def test_dead_letters_list_show_and_replay_from_the_command_line(
     assert stored_urls(clean) == {"https://mashreq.example/geneva4/long"}
     assert one(clean, "SELECT replay_outcome FROM dead_letters WHERE id = %s",
                too_large.dead_letter_id) .startswith("stored (article ")
+
+
+def test_a_dead_letter_is_recorded_whatever_the_message_carries(
+        clean: psycopg.Connection, settings: Settings) -> None:
+    # Text columns refuse NUL, and a raw Celery header can be any JSON value: neither may stop
+    # the rejection from being recorded.
+    ctx = pipeline.open_context(settings)
+    try:
+        outcome = pipeline.accept_message(
+            ctx, {"version": 1, "producer": "desk\x00x", "url": 5}, kind="ingest_url",
+            via="celery", source_ref={"id": ["not", "a", "string"]})  # type: ignore[arg-type]
+    finally:
+        ctx.close()
+    assert outcome.outcome == "dead_letter"
+    assert clean.execute("SELECT producer, reason, source_ref FROM dead_letters").fetchall() == [
+        ("desk\\x00x", "wrong_type", "{'id': ['not', 'a', 'string']}")]

@@ -130,6 +130,10 @@ REJECTIONS = [
     ("bad content type", with_changes(DOC_MESSAGE, document={"content": "x",
                                                              "content_type": "application/pdf"}),
      "ingest_document", "invalid_value", "$.document.content_type"),
+    ("NUL in a hint", with_changes(URL_MESSAGE, hints={"source_name": "Wire\u0000"}),
+     "ingest_url", "invalid_value", "$.hints.source_name"),
+    ("NUL in the url", with_changes(URL_MESSAGE, url="https://wire.example/a\u0000b"),
+     "ingest_url", "invalid_value", "$.url"),
     ("two megabytes of document", with_changes(DOC_MESSAGE, document={"content": BIG}),
      "ingest_document", "too_large", "bytes; the limit is 2097152"),
 ]
