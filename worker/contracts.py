@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -281,7 +281,7 @@ def _build_hints(hints: dict[str, Any], producer: str, kind: str) -> Hints:
             raise InvalidMessage("invalid_value", f"$.hints.published_at: {exc}",
                                  producer=producer, kind=kind) from None
         if published.tzinfo is None:
-            published = published.replace(tzinfo=timezone.utc)
+            published = published.replace(tzinfo=UTC)
     language = hints["language"].split("-")[0].lower() if "language" in hints else None
     source = hints["source_name"].strip() or None if "source_name" in hints else None
     return Hints(published_at=published, language=language, source_name=source)

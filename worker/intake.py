@@ -100,12 +100,21 @@ class Intake:
 
     def run(self, *, should_stop: Callable[[], bool], block_ms: int = 1000) -> IntakeStats:
         """Drain the stream until should_stop() says so; back off while the database is away."""
-        ensure_group(self.client, self.stream, self.group)
         delay = 1.0
+        grouped = False
         while not should_stop():
             try:
+                if not grouped:
+                    ensure_group(self.client, self.stream, self.group)
+                    grouped = True
                 self.drain_once(block_ms)
                 delay = 1.0
+            except redis.ResponseError as exc:
+                # A flushed Redis takes the stream and its group with it; make them again.
+                # (Redis answers NOGROUP, or UNBLOCKED to a read blocked at that moment.)
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                grouped = False
             except (psycopg.OperationalError, redis.ConnectionError) as exc:
                 # Nothing was acknowledged: the entry stays pending and is claimed again.
                 _LOG.warning("intake backing off", extra={"error": str(exc)[:300],

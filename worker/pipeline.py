@@ -18,7 +18,13 @@ from psycopg_pool import ConnectionPool
 
 from worker import store
 from worker.config import Settings
-from worker.contracts import IngestDocument, IngestUrl, InvalidMessage, decode_message, encode_payload
+from worker.contracts import (
+    IngestDocument,
+    IngestUrl,
+    InvalidMessage,
+    decode_message,
+    encode_payload,
+)
 from worker.errors import Permanent, Transient
 from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client

@@ -208,7 +208,7 @@ class IntakeConsumer(Consumer):
 
     def _dead_letter_undecodable(self, message: Any, reason: str, exc: Exception) -> None:
         headers = getattr(message, "headers", None) or {}
-        kind = PUBLIC_TASKS.get(headers.get("task")) if isinstance(headers, dict) else None
+        kind = PUBLIC_TASKS.get(str(headers.get("task"))) if isinstance(headers, dict) else None
         if kind is None:
             return  # not one of ours to answer for; Celery logs it as before
         ctx = get_context()

@@ -188,8 +188,11 @@ def test_bad_messages_become_dead_letters_while_good_ones_around_them_go_through
     db = clean
     client, stream = rstream
     german = (FIXTURES / "documents" / "astana5-de.txt").read_text(encoding="utf-8")
-    good = lambda n: ingest_document_message(  # noqa: E731
-        f"https://mashreq.example/geneva4/{n}", producer="desk-stream")
+
+    def good(n: int) -> dict[str, object]:
+        return ingest_document_message(f"https://mashreq.example/geneva4/{n}",
+                                       producer="desk-stream")
+
     ten_mb = ingest_document_message("https://mashreq.example/huge", producer="desk-stream",
                                      hints={"language": "ar"})
     ten_mb["document"] = {"content": "<p>" + "Astana " * (1536 * 1024) + "</p>"}  # 10.5 MB
@@ -454,3 +457,16 @@ def test_a_dead_letter_is_recorded_whatever_the_message_carries(
     assert outcome.outcome == "dead_letter"
     assert clean.execute("SELECT producer, reason, source_ref FROM dead_letters").fetchall() == [
         ("desk\\x00x", "wrong_type", "{'id': ['not', 'a', 'string']}")]
+
+
+def test_the_intake_survives_its_stream_being_deleted(
+        clean: psycopg.Connection, rstream: tuple[redis.Redis, str],
+        services: dict[str, WorkerProcess]) -> None:
+    client, stream = rstream
+    client.delete(stream)  # what FLUSHALL does to it: the group goes too
+    wait_for(lambda: client.exists(stream) == 1, 30, "the intake to make its group again")
+    client.xadd(stream, {"message": json.dumps(ingest_document_message(
+        "https://mashreq.example/geneva4/after-flush", producer="desk-stream"))})
+    wait_for(lambda: stored_urls(clean) == {"https://mashreq.example/geneva4/after-flush"}, 60,
+             "an entry sent after the flush to be stored")
+    assert services["intake"].proc.poll() is None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -68,7 +68,7 @@ def test_a_valid_url_message_is_typed_with_defaults_filled() -> None:
     # The key defaults to the canonical URL: host lower-cased, tracker and fragment gone.
     assert message.canonical_url == "https://example.org/world/astana-talks?id=7"
     assert message.idempotency_key == message.canonical_url
-    assert message.hints.published_at == datetime(2017, 5, 3, 6, 30, tzinfo=timezone.utc)
+    assert message.hints.published_at == datetime(2017, 5, 3, 6, 30, tzinfo=UTC)
     assert message.hints.language == "fr"
     assert message.hints.source_name == "Meridian Wire"
 
@@ -90,7 +90,7 @@ def test_a_document_message_defaults_to_html() -> None:
 def test_a_date_without_an_offset_is_utc() -> None:
     doc = with_changes(URL_MESSAGE, hints={"published_at": "2018-01-30"})
     assert decode_message(doc, kind="ingest_url").hints.published_at == datetime(
-        2018, 1, 30, tzinfo=timezone.utc)
+        2018, 1, 30, tzinfo=UTC)
 
 
 BIG = "x" * (2 * 1024 * 1024)
@@ -165,7 +165,7 @@ def test_a_rejection_names_the_producer_when_it_can() -> None:
 
 def test_the_python_helper_builds_messages_the_schema_accepts() -> None:
     url_message = build_url_message("https://example.org/a", producer="desk",
-                                    published_at=datetime(2019, 10, 30, tzinfo=timezone.utc),
+                                    published_at=datetime(2019, 10, 30, tzinfo=UTC),
                                     language="en")
     assert decode_message(url_message, kind=None).hints.language == "en"
     doc = build_document_message("https://example.org/b", "Text " * 40, producer="desk",
