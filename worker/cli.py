@@ -121,7 +121,7 @@ def migrate() -> None:
 
 
 @main.command()
-@click.option("--queues", default="poll,process", show_default=True)
+@click.option("--queues", default="poll,process,intake", show_default=True)
 @click.option("--pool", default="prefork", show_default=True,
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("--concurrency", type=int, default=None, help="Default: TALKWIRE_WORKER_CONCURRENCY.")
@@ -248,7 +248,8 @@ def run(once: bool, timeout: float) -> None:
     started = datetime.now(timezone.utc)
     children = [
         _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8"]),
-        _spawn(s, ["worker", "--queues", "process", "--pool", "prefork"]),
+        _spawn(s, ["worker", "--queues", "process,intake", "--pool", "prefork"]),
+        _spawn(s, ["intake"]),
     ]
     if not once:
         children.append(_spawn(s, ["beat"]))
@@ -522,6 +523,187 @@ def eval_dedup(corpus: Path) -> None:
         console.print(f"skipped: no reuters_feed_2016_teftst corpus under {corpus}")
         return
     click.echo(format_report(result))
+
+
+# --- producer contracts and the change feed (issue 7) ------------------------------------
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Drain what is on the stream now, then exit.")
+@click.option("--consumer", default=None, help="Consumer name in the group (default: host-pid).")
+def intake(once: bool, consumer: str | None) -> None:
+    """Drain the Redis Stream intake (TALKWIRE_INTAKE_STREAM) into the validated path."""
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.intake import Intake, connect_redis
+    from worker.pipeline import open_context
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        store.apply_migrations(conn)
+    create_app(rt.settings)  # the current app: follow-up tasks are sent through it
+    ctx = open_context(rt.settings)
+    client = connect_redis(rt.settings.redis_url or "")
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    worker = Intake(ctx, client, tasks.enqueue_followups, consumer=consumer)
+    err_console.print(f"intake: consuming {worker.stream} as {worker.group}/{worker.consumer}")
+    try:
+        if once:
+            from worker.intake import ensure_group
+
+            ensure_group(client, worker.stream, worker.group)
+            while worker.drain_once(block_ms=200):
+                pass
+        else:
+            worker.run(should_stop=lambda: bool(stopping))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.close()
+        client.close()
+    console.print(" ".join(f"{k}={v}" for k, v in sorted(worker.stats.outcomes.items()))
+                  or "nothing to do")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect and replay producer messages that were rejected."""
+
+
+@dead_letters.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--reason", default=None, help="Only this reason code, e.g. missing_field.")
+@click.option("--producer", default=None)
+def dead_letters_list(limit: int, reason: str | None, producer: str | None) -> None:
+    """List the newest dead letters: id, time, reason, producer, size, detail."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        rows = store.list_dead_letters(conn, limit=limit, reason=reason, producer=producer)
+    table = Table(title=f"{len(rows)} dead letter(s)")
+    for col in ("id", "received", "via", "kind", "producer", "reason", "bytes", "detail",
+                "replayed"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), f"{r.received_at:%Y-%m-%d %H:%M:%S}", r.via, r.kind or "",
+                      r.producer or "", r.reason, str(r.payload_size), r.detail[:160],
+                      r.replay_outcome or "")
+    console.print(table)
+
+
+@dead_letters.command("show")
+@click.argument("dead_letter_id", type=int)
+@click.option("--raw", is_flag=True, help="Write the stored payload bytes to stdout, nothing else.")
+def dead_letters_show(dead_letter_id: int, raw: bool) -> None:
+    """Show one dead letter with its payload (pretty-printed when it is JSON)."""
+    import json
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        row = store.get_dead_letter(conn, dead_letter_id)
+    if row is None:
+        raise click.ClickException(f"no dead letter {dead_letter_id}")
+    payload = bytes(row.payload or b"")
+    if raw:
+        sys.stdout.buffer.write(payload)
+        return
+    for name in ("id", "received_at", "via", "source_ref", "kind", "producer", "reason",
+                 "detail", "payload_size", "payload_sha256", "payload_truncated", "replayed_at",
+                 "replay_outcome"):
+        value = getattr(row, name)
+        click.echo(f"{name:>17}: {'' if value is None else value}")
+    text = payload.decode("utf-8", "replace")
+    try:
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        pass
+    if len(text) > 20000:
+        text = text[:20000] + f"\n… ({len(payload)} bytes stored; --raw prints them all)"
+    click.echo("payload:" + (" (truncated copy)" if row.payload_truncated else ""))
+    click.echo(text)
+
+
+@dead_letters.command("replay")
+@click.argument("ids", nargs=-1, type=int, required=True)
+def dead_letters_replay(ids: tuple[int, ...]) -> None:
+    """Run dead letters through the validated path again (after a fix or a raised limit)."""
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.pipeline import accept_message, open_context
+
+    rt = resolve(_settings())
+    create_app(rt.settings)
+    ctx = open_context(rt.settings)
+    failed = 0
+    try:
+        for dead_letter_id in ids:
+            with ctx.pool.connection() as conn:
+                row = store.get_dead_letter(conn, dead_letter_id)
+            if row is None:
+                console.print(f"{dead_letter_id}: no such dead letter")
+                failed += 1
+                continue
+            if row.payload_truncated:
+                console.print(f"{dead_letter_id}: cannot replay, only the first "
+                              f"{len(row.payload or b'')} of {row.payload_size} bytes were kept")
+                failed += 1
+                continue
+            # The kind the message was sent as (a Celery task's); None makes it name its own.
+            outcome = accept_message(ctx, bytes(row.payload or b""), kind=row.kind,
+                                     via="replay", source_ref=f"dead_letter:{row.id}")
+            tasks.enqueue_articles(outcome.enqueue)
+            result = outcome.outcome
+            if outcome.outcome == "dead_letter":
+                again = (f"dead letter {outcome.dead_letter_id}" if outcome.dead_letter_id
+                         else "recorded at an earlier replay")
+                result = f"rejected again: {outcome.reason} ({again})"
+                failed += 1
+            elif outcome.article_id is not None:
+                result += f" (article {outcome.article_id})"
+            with ctx.pool.connection() as conn:
+                store.mark_dead_letter_replayed(conn, row.id, result)
+            console.print(f"{dead_letter_id}: {result}")
+    finally:
+        ctx.close()
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--since", default=0, show_default=True, help="Print changes with an id above this.")
+@click.option("--follow", is_flag=True, help="Keep printing new changes as they commit (LISTEN).")
+@click.option("--limit", default=1000, show_default=True, help="Rows per query.")
+def changes(since: int, follow: bool, limit: int) -> None:
+    """Print the change feed as JSON lines; resume with --since LAST_ID."""
+    import json
+
+    rt = resolve(_settings())
+    last = since
+    with psycopg.connect(rt.settings.database_url or "", autocommit=True) as conn:
+        if follow:
+            # LISTEN before the catch-up query: a change committed in between is then both
+            # read and notified, never missed (the id cursor drops the repeat).
+            store.listen_changes(conn)
+        try:
+            while True:
+                rows = store.list_changes(conn, since=last, limit=limit)
+                for row in rows:
+                    click.echo(json.dumps({"id": row.id, "event": row.event,
+                                           "entity": row.entity, "entity_id": row.entity_id,
+                                           "payload": row.payload,
+                                           "created_at": row.created_at.isoformat()},
+                                          ensure_ascii=False))
+                    last = row.id
+                sys.stdout.flush()
+                if len(rows) == limit:
+                    continue
+                if not follow:
+                    return
+                # Wake on a notification, or every 30 s in case one was lost with a connection.
+                for _ in conn.notifies(timeout=30, stop_after=1):
+                    pass
+        except KeyboardInterrupt:
+            return
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -27,8 +28,15 @@ from worker.classify import (
     load_knowledge,
 )
 from worker.config import Settings
+from worker.contracts import (
+    IngestDocument,
+    IngestUrl,
+    InvalidMessage,
+    decode_message,
+    encode_payload,
+)
 from worker.errors import Permanent, Transient
-from worker.extract import extract_article
+from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
 from worker.logs import log_outcome
 from worker.poll import failure_backoff, next_poll_interval, parse_feed
@@ -40,7 +48,7 @@ from worker.rounds import (
     load_seed_rounds,
     new_round_id,
 )
-from worker.types import FetchLimits
+from worker.types import Article, FetchLimits, Page
 
 SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 
@@ -212,23 +220,50 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     published = article.published or row.feed_published_at
     result = classify_text(ctx, title=article.title, text=article.text,
                            language=article.language, published=published)
-    document = compose_document(article.title, article.text)
-    filed = None
-    changed_rounds: list[str] = []
+    done = None
     with ctx.pool.connection() as conn, conn.transaction():
-        stored = store.store_article(conn, article_id, page, article)
-        if stored:
-            filed = lineage.file_article(conn, article_id, page=page, article=article,
-                                         signature=signature, urls=urls)
-        if stored and not (filed and filed.method == "url"):
-            store.save_classification(conn, article_id, result)
-            changed_rounds = link_article(conn, ctx, article_id, result, document,
-                                          published.date() if published else None)
-    outcome = "stale" if not stored else "duplicate" if filed and filed.method == "url" else "stored"
+        if store.store_article(conn, article_id, page, article):
+            done = file_and_understand(conn, ctx, article_id, page=page, article=article,
+                                       signature=signature, urls=urls, result=result,
+                                       published=published, origin=row.origin)
+    filed = done.filed if done else None
+    outcome = "stale" if not done else "duplicate" if filed and filed.method == "url" else "stored"
     log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
                 started=started, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
-                          changed_rounds=tuple(changed_rounds))
+                          changed_rounds=done.changed_rounds if done else ())
+
+
+@dataclass(frozen=True)
+class Understood:
+    """What filing and understanding a freshly stored article decided."""
+
+    filed: lineage.Filed
+    changed_rounds: tuple[str, ...]
+
+
+def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int, *, page: Page,
+                        article: Article, signature: dedup.Signature, urls: Sequence[str],
+                        result: Classification, published: datetime | None,
+                        origin: str) -> Understood:
+    """In the storing transaction: file into a story, store labels and round links, note it.
+
+    Used by every path that stores an article (a fetched page, a producer's document), so
+    each lands the same way. A copy under a URL we already hold (method `url`) takes its
+    labels from the article it duplicates.
+    """
+    filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                 signature=signature, urls=urls)
+    changed: list[str] = []
+    if filed.method != "url":
+        store.save_classification(conn, article_id, result)
+        changed = link_article(conn, ctx, article_id, result,
+                               compose_document(article.title, article.text),
+                               published.date() if published else None)
+        # Last in the transaction: the change feed's lock is held from here until commit.
+        record_article_created(conn, article_id, url=page.url, title=article.title,
+                               origin=origin)
+    return Understood(filed, tuple(changed))
 
 
 def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
@@ -438,3 +473,168 @@ def relink_round(ctx: Context, round_id: str) -> int:
             reclassify_stored(ctx, item)
     log_outcome("relink", "done", round_id=round_id, articles=len(ids))
     return len(ids)
+
+
+def record_article_created(conn: psycopg.Connection, article_id: int, *, url: str,
+                           title: str | None, origin: str) -> None:
+    """In the storing transaction: fill gaps from producer hints, then append article_created."""
+    store.fill_article_hints(conn, article_id)
+    # Last in the transaction: the change feed's lock is held from here until commit.
+    store.append_change(conn, "article_created", "article", article_id,
+                        {"url": url, "title": title, "origin": origin})
+
+
+# --- producer messages (issue 7) --------------------------------------------------------
+
+# A dead letter whose payload is above TALKWIRE_DEAD_LETTER_MAX_BYTES keeps this much of it.
+DEAD_LETTER_HEAD_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    """What one producer message did."""
+
+    outcome: str  # queued | known | stored | failed | duplicate | dead_letter
+    article_id: int | None = None
+    enqueue: tuple[int, ...] = ()  # articles whose process task the caller sends after commit
+    reason: str | None = None
+    relink: tuple[str, ...] = ()  # rounds a stored document changed: relinked after commit
+    dead_letter_id: int | None = None
+
+
+def accept_message(ctx: Context, payload: object, *, kind: str | None, via: str,
+                   source_ref: str | None) -> IntakeOutcome:
+    """Validate one producer message and act on it; bad input is dead-lettered, never raised."""
+    try:
+        message = decode_message(payload, kind=kind, max_bytes=ctx.settings.message_max_bytes)
+    except InvalidMessage as exc:
+        return reject_message(ctx, payload, exc, via=via, source_ref=source_ref)
+    if isinstance(message, IngestUrl):
+        outcome = ingest_url(ctx, message, via=via, source_ref=source_ref)
+    else:
+        outcome = ingest_document(ctx, message, via=via, source_ref=source_ref)
+    if outcome.outcome == "duplicate" and outcome.reason == "idempotency_conflict":
+        # Same key, different message: the producer reused a key (Stripe answers the same
+        # way). The first message stands; this one is kept for a person to look at.
+        return reject_message(ctx, payload, InvalidMessage(
+            "idempotency_conflict", f"key {message.idempotency_key[:100]!r} was first used for "
+            "a different message", producer=message.producer, kind=message.kind),
+            via=via, source_ref=source_ref)
+    return outcome
+
+
+def reject_message(ctx: Context, payload: object, error: InvalidMessage, *, via: str,
+                   source_ref: str | None) -> IntakeOutcome:
+    """Store a rejected message as a dead letter with its reason; never raises on bad input."""
+    raw = encode_payload(payload)
+    truncated = len(raw) > ctx.settings.dead_letter_max_bytes
+    # Everything but the payload (bytea) goes into text columns; a producer-made value with a
+    # NUL or of another type must not make the dead letter itself fail.
+    ref = _clean_text(source_ref, 200)
+    producer = _clean_text(error.producer, 64)
+    with ctx.pool.connection() as conn:
+        dead_letter_id = store.record_dead_letter(
+            conn, via=via, source_ref=ref, kind=error.kind, producer=producer,
+            reason=error.reason, detail=_clean_text(error.detail, 2000) or "",
+            payload=raw[:DEAD_LETTER_HEAD_BYTES] if truncated else raw,
+            payload_size=len(raw), payload_sha256=hashlib.sha256(raw).hexdigest(),
+            payload_truncated=truncated)
+    log_outcome("intake", "dead_letter", via=via, source_ref=ref, reason=error.reason,
+                producer=producer, dead_letter_id=dead_letter_id, detail=error.detail[:200])
+    return IntakeOutcome("dead_letter", reason=error.reason, dead_letter_id=dead_letter_id)
+
+
+def ingest_url(ctx: Context, message: IngestUrl, *, via: str,
+               source_ref: str | None) -> IntakeOutcome:
+    """Record a URL submission and its article row; the caller enqueues it after commit."""
+    started = time.monotonic()
+    created = False
+    article_id: int | None = None
+    with ctx.pool.connection() as conn, conn.transaction():
+        claim = _claim(conn, message, via, source_ref)
+        if claim.fresh:
+            article_id, created = store.add_article_url(conn, message.url, origin="producer")
+            store.link_submission(conn, claim.id, article_id)
+    if not claim.fresh:
+        return _duplicate(message, claim, via, started)
+    # A URL talkwire already knows (from a feed or another producer) is not fetched again.
+    outcome = "queued" if created else "known"
+    log_outcome("intake", outcome, via=via, producer=message.producer, article_id=article_id,
+                url=message.url, started=started)
+    return IntakeOutcome(outcome, article_id, enqueue=(article_id,) if created and article_id else ())
+
+
+def ingest_document(ctx: Context, message: IngestDocument, *, via: str,
+                    source_ref: str | None) -> IntakeOutcome:
+    """Extract a document a producer sent and store it, without a fetch, in one transaction."""
+    started = time.monotonic()
+    # Extraction runs before the transaction opens: no locks are held while trafilatura works.
+    page = Page(url=message.url, final_url=message.url, status=200,
+                body=message.content.encode("utf-8", "replace"),
+                content_type=message.content_type, charset="utf-8")
+    failure: Permanent | None = None
+    article = None
+    try:
+        if message.content_type == "text/plain":
+            article = article_from_text(message.url, message.content, title=message.title)
+        else:
+            article = extract_article(page)
+            if article.title is None and message.title:
+                article = replace(article, title=message.title)
+    except Permanent as exc:
+        failure = exc
+    stored = False
+    article_id: int | None = None
+    relink: tuple[str, ...] = ()
+    if article is not None:
+        # Signature and labels are computed before the transaction, like extraction.
+        signature = dedup.sign_text(article.text, article.title)
+        published = article.published or message.hints.published_at
+        result = classify_text(ctx, title=article.title, text=article.text,
+                               language=article.language, published=published)
+    with ctx.pool.connection() as conn, conn.transaction():
+        claim = _claim(conn, message, via, source_ref)
+        if claim.fresh:
+            article_id, created = store.add_article_url(conn, message.url, origin="producer")
+            store.link_submission(conn, claim.id, article_id)
+            if article is not None:
+                # False when the URL was already stored: a new version is dedup's business.
+                stored = store.store_article(conn, article_id, page, article)
+                if stored:
+                    relink = file_and_understand(
+                        conn, ctx, article_id, page=page, article=article,
+                        signature=signature, urls=dedup.url_variants(message.url),
+                        result=result, published=published, origin="producer").changed_rounds
+            elif failure is not None and created:
+                store.fail_article(conn, article_id, reason=failure.reason, detail=str(failure))
+    if not claim.fresh:
+        return _duplicate(message, claim, via, started)
+    outcome = "stored" if stored else ("failed" if failure is not None else "known")
+    reason = failure.reason if failure is not None else None
+    log_outcome("intake", outcome, via=via, producer=message.producer, article_id=article_id,
+                url=message.url, reason=reason, started=started)
+    return IntakeOutcome(outcome, article_id, reason=reason, relink=relink)
+
+
+def _claim(conn: psycopg.Connection, message: IngestUrl | IngestDocument, via: str,
+           source_ref: str | None) -> store.SubmissionClaim:
+    return store.claim_submission(
+        conn, producer=message.producer, idempotency_key=message.idempotency_key,
+        kind=message.kind, schema_version=message.version, via=via, source_ref=source_ref,
+        payload_sha256=message.digest, hints=message.hints.as_json())
+
+
+def _duplicate(message: IngestUrl | IngestDocument, claim: store.SubmissionClaim, via: str,
+               started: float) -> IntakeOutcome:
+    # A resend is an outcome, not an error: nothing new is stored and nothing is enqueued.
+    conflict = claim.payload_sha256 != message.digest
+    log_outcome("intake", "duplicate", via=via, producer=message.producer,
+                article_id=claim.article_id, url=message.url, conflict=conflict, started=started)
+    return IntakeOutcome("duplicate", claim.article_id,
+                         reason="idempotency_conflict" if conflict else None)
+
+
+def _clean_text(value: object, limit: int) -> str | None:
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\\x00")[:limit]

@@ -538,11 +538,15 @@ def insert_round(conn: psycopg.Connection, rnd: Round, *, source: str,
     ).fetchone()
     if row is None:
         return False
-    conn.execute(
+    change_id = conn.execute(
         "INSERT INTO round_changes (round_id, change, new_value, article_id)"
-        " VALUES (%s, 'created', %s, %s)",
+        " VALUES (%s, 'created', %s, %s) RETURNING id",
         (rnd.id, Jsonb(_round_json(rnd)), article_id),
-    )
+    ).fetchone()
+    # Round ids are text; the feed's entity_id is the round_changes row, payload names the round.
+    append_change(conn, "round_created", "round", change_id[0],
+                  {"round_id": rnd.id, "source": source, "article_id": article_id,
+                   **_round_json(rnd)})
     return True
 
 
@@ -561,12 +565,16 @@ def update_round(conn: psycopg.Connection, old: Round, new: Round, *, change: st
         " status = %s, provenance = provenance || %s, updated_at = now() WHERE id = %s",
         (new.number, new.name, new.start, new.end, new.venue, new.status, Jsonb(changed), new.id),
     )
-    conn.execute(
+    old_values = {k: old_json[k] for k in changed}
+    new_values = {k: new_json[k] for k in changed}
+    change_id = conn.execute(
         "INSERT INTO round_changes (round_id, change, old_value, new_value, article_id)"
-        " VALUES (%s, %s, %s, %s, %s)",
-        (new.id, change, Jsonb({k: old_json[k] for k in changed}),
-         Jsonb({k: new_json[k] for k in changed}), article_id),
-    )
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        (new.id, change, Jsonb(old_values), Jsonb(new_values), article_id),
+    ).fetchone()
+    append_change(conn, "round_updated", "round", change_id[0],
+                  {"round_id": new.id, "change": change, "old": old_values, "new": new_values,
+                   "article_id": article_id})
 
 
 def _round_json(rnd: Round) -> dict[str, object]:
@@ -609,6 +617,11 @@ def replace_round_links(conn: psycopg.Connection, article_id: int, links: Sequen
             + [(article_id, rid, rel, "added", after[(rid, rel)].confidence, rules_version)
                for rid, rel in added],
         )
+    if added or removed:
+        append_change(conn, "round_link_changed", "article", article_id,
+                      {"added": [{"round_id": r, "relation": rel} for r, rel in sorted(added)],
+                       "removed": [{"round_id": r, "relation": rel} for r, rel in sorted(removed)],
+                       "rules_version": rules_version})
     return len(added), len(removed)
 
 
@@ -992,9 +1005,190 @@ def record_story_change(conn: psycopg.Connection, kind: str, *, story_id: int | 
                         article_id: int | None = None, other_story_id: int | None = None,
                         other_article_id: int | None = None,
                         detail: dict[str, object] | None = None) -> None:
-    """Append one change to the story graph for consumers to follow."""
+    """Append one change to the story graph; the ones consumers follow go to the change feed."""
     conn.execute(
         "INSERT INTO story_changes (kind, story_id, article_id, other_story_id,"
         " other_article_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
         (kind, story_id, article_id, other_story_id, other_article_id, Jsonb(detail or {})),
     )
+    if kind in {"story_merged", "member_added"} and story_id is not None:
+        # For a consumer both mean "this story absorbed more": a copy joined it
+        # (member_added) or another story was folded into it (story_merged).
+        append_change(conn, "story_merged", "story", story_id,
+                      {"kind": kind, "article_id": article_id, "merged_story_id": other_story_id})
+    elif kind in {"article_version", "article_updated"} and article_id is not None:
+        append_change(conn, "article_updated", "article", article_id,
+                      {"story_id": story_id, "kind": kind, "detail": detail or {}})
+
+
+# --- producer contracts: submissions and dead letters (issue 7) -------------------------
+
+
+@dataclass(frozen=True)
+class SubmissionClaim:
+    """The outcome of recording a producer message under its idempotency key."""
+
+    id: int
+    fresh: bool  # False: the key was seen before and only its duplicate count went up
+    payload_sha256: str  # of the first message under this key
+    article_id: int | None
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A rejected message as stored (payload only when asked for)."""
+
+    id: int
+    received_at: datetime
+    via: str
+    source_ref: str | None
+    kind: str | None
+    producer: str | None
+    reason: str
+    detail: str
+    payload_size: int
+    payload_sha256: str
+    payload_truncated: bool
+    replayed_at: datetime | None
+    replay_outcome: str | None
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    """One entry of the change feed."""
+
+    id: int
+    event: str
+    entity: str
+    entity_id: int
+    payload: dict[str, object]
+    created_at: datetime
+
+
+def claim_submission(conn: psycopg.Connection, *, producer: str, idempotency_key: str,
+                     kind: str, schema_version: int, via: str, source_ref: str | None,
+                     payload_sha256: str, hints: dict[str, str]) -> SubmissionClaim:
+    """Record a message under (producer, key); a key seen before only counts a duplicate."""
+    with conn.cursor(row_factory=class_row(SubmissionClaim)) as cur:
+        cur.execute(
+            "INSERT INTO submissions (producer, idempotency_key, kind, schema_version, via,"
+            " source_ref, payload_sha256, hints) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (producer, idempotency_key) DO UPDATE"
+            " SET duplicates = submissions.duplicates + 1, last_duplicate_at = now()"
+            " RETURNING id, duplicates = 0 AS fresh, payload_sha256, article_id",
+            (producer, idempotency_key, kind, schema_version, via, source_ref, payload_sha256,
+             Jsonb(hints)),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def link_submission(conn: psycopg.Connection, submission_id: int, article_id: int) -> None:
+    """Point a submission at the article it became."""
+    conn.execute("UPDATE submissions SET article_id = %s WHERE id = %s",
+                 (article_id, submission_id))
+
+
+def fill_article_hints(conn: psycopg.Connection, article_id: int) -> int:
+    """Fill a stored article's empty date, language and site name from its first submission."""
+    # The page wins where it says something; a producer's hint only fills a gap.
+    cur = conn.execute(
+        "UPDATE articles a SET"
+        " published_at = COALESCE(a.published_at, (s.hints->>'published_at')::timestamptz),"
+        " language = COALESCE(a.language, s.hints->>'language'),"
+        " site_name = COALESCE(a.site_name, s.hints->>'source_name')"
+        " FROM (SELECT hints FROM submissions WHERE article_id = %s AND hints <> '{}'"
+        "       ORDER BY id LIMIT 1) s"
+        " WHERE a.id = %s",
+        (article_id, article_id),
+    )
+    return cur.rowcount
+
+
+def record_dead_letter(conn: psycopg.Connection, *, via: str, source_ref: str | None,
+                       kind: str | None, producer: str | None, reason: str, detail: str,
+                       payload: bytes, payload_size: int, payload_sha256: str,
+                       payload_truncated: bool) -> int | None:
+    """Store a rejected message; None if this delivery (via, source_ref) is already stored."""
+    row = conn.execute(
+        "INSERT INTO dead_letters (via, source_ref, kind, producer, reason, detail, payload,"
+        " payload_size, payload_sha256, payload_truncated)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (via, source_ref) WHERE source_ref IS NOT NULL DO NOTHING RETURNING id",
+        (via, source_ref, kind, producer, reason, detail[:2000], payload, payload_size,
+         payload_sha256, payload_truncated),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def list_dead_letters(conn: psycopg.Connection, *, limit: int, reason: str | None = None,
+                      producer: str | None = None) -> list[DeadLetterRow]:
+    """The newest dead letters, optionally of one reason or producer, without payloads."""
+    with conn.cursor(row_factory=class_row(DeadLetterRow)) as cur:
+        cur.execute(
+            "SELECT id, received_at, via, source_ref, kind, producer, reason, detail,"
+            " payload_size, payload_sha256, payload_truncated, replayed_at, replay_outcome"
+            " FROM dead_letters"
+            " WHERE (%(reason)s::text IS NULL OR reason = %(reason)s)"
+            "   AND (%(producer)s::text IS NULL OR producer = %(producer)s)"
+            " ORDER BY id DESC LIMIT %(limit)s",
+            {"reason": reason, "producer": producer, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> DeadLetterRow | None:
+    """One dead letter with its payload, or None."""
+    with conn.cursor(row_factory=class_row(DeadLetterRow)) as cur:
+        cur.execute(
+            "SELECT id, received_at, via, source_ref, kind, producer, reason, detail,"
+            " payload_size, payload_sha256, payload_truncated, replayed_at, replay_outcome,"
+            " payload FROM dead_letters WHERE id = %s",
+            (dead_letter_id,),
+        )
+        return cur.fetchone()
+
+
+def mark_dead_letter_replayed(conn: psycopg.Connection, dead_letter_id: int, outcome: str) -> None:
+    """Record when a dead letter was replayed and what became of it."""
+    conn.execute("UPDATE dead_letters SET replayed_at = now(), replay_outcome = %s WHERE id = %s",
+                 (outcome[:500], dead_letter_id))
+
+
+# --- change feed (issue 7) --------------------------------------------------------------
+
+CHANGE_EVENTS = ("article_created", "article_updated", "story_merged", "round_link_changed",
+                 "round_created", "round_updated")
+CHANGES_CHANNEL = "talkwire_changes"
+
+
+def append_change(conn: psycopg.Connection, event: str, entity: str, entity_id: int,
+                  payload: dict[str, object]) -> int:
+    """Append a change in the caller's transaction; NOTIFY on commit. Call it last: it locks."""
+    # The table's trigger takes the id under a transaction-level advisory lock, so ids become
+    # visible in increasing order (see 0005_contracts.sql); that lock is held until commit.
+    row = conn.execute(
+        "INSERT INTO changes (event, entity, entity_id, payload) VALUES (%s, %s, %s, %s)"
+        " RETURNING id",
+        (event, entity, entity_id, Jsonb(payload)),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def listen_changes(conn: psycopg.Connection) -> None:
+    """LISTEN on the change feed's channel (the connection must be in autocommit mode)."""
+    conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANGES_CHANNEL)))
+
+
+def list_changes(conn: psycopg.Connection, *, since: int, limit: int) -> list[ChangeRow]:
+    """Changes with an id above `since`, oldest first."""
+    with conn.cursor(row_factory=class_row(ChangeRow)) as cur:
+        cur.execute(
+            "SELECT id, event, entity, entity_id, payload, created_at FROM changes"
+            " WHERE id > %s ORDER BY id LIMIT %s",
+            (since, limit),
+        )
+        return cur.fetchall()
