@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from worker import store
 from worker.config import Settings, load_settings
 from worker.demo import SiteServer, serve_site
+from worker.pipeline import prepare_database
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -89,7 +89,7 @@ def run_env(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     with psycopg.connect(env["DATABASE_URL"]) as conn:
-        store.apply_migrations(conn)
+        prepare_database(conn)
     yield env
     for key, value in saved.items():
         if value is None:
@@ -107,11 +107,35 @@ def settings(run_env: dict[str, str]) -> Settings:
     return load_settings()
 
 
+def purge_redis(settings: Settings) -> None:
+    """Delete every key of this run's prefix: queues, unacked messages, locks."""
+    import redis
+
+    url = settings.redis_url or ""
+    # kombu spells a unix socket redis+socket://; redis-py spells it unix://.
+    client = redis.Redis.from_url(url.replace("redis+socket://", "unix://", 1))
+    try:
+        keys = list(client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture()
 def db(settings: Settings) -> Iterator[psycopg.Connection]:
-    """A connection to an emptied database (tables truncated, schema kept)."""
+    """A connection to an emptied database (tables truncated, schema kept) and empty queues."""
+    purge_redis(settings)
     with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
-        conn.execute("TRUNCATE feeds, articles, entries RESTART IDENTITY CASCADE")
+        # Everything goes, the registry too; then the shipped calendar is loaded again.
+        # article_bands has no foreign key (see 0004_dedup.sql), so CASCADE does not reach it.
+        conn.execute("TRUNCATE feeds, articles, entries, article_bands, rounds, tracks"
+                     " RESTART IDENTITY CASCADE")
+        with conn.transaction():
+            from worker.classify import load_knowledge
+            from worker.pipeline import seed_registry
+
+            seed_registry(conn, load_knowledge())
         yield conn
 
 
@@ -142,11 +166,33 @@ def redirect_route(location: str, status: int = 302) -> Callable[[BaseHTTPReques
     return handle
 
 
+def own_words_seed_route(handler: BaseHTTPRequestHandler, base: str) -> None:
+    """The team's own retelling of the seed story, served as a news page."""
+    import html
+    import json
+
+    meta = json.loads((FIXTURES / "seed_story_own_words.json").read_text(encoding="utf-8"))
+    headline, _, body = (FIXTURES / "seed_story_own_words.txt").read_text(
+        encoding="utf-8").partition("\n\n")
+    paragraphs = "".join(f"<p>{html.escape(p)}</p>" for p in body.split("\n\n") if p.strip())
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(headline)}</title>"
+            f'<meta property="article:published_time" content="{meta["published"]}T10:00:00+00:00">'
+            f"</head><body><nav><a href='/'>Home</a></nav><article><h1>{html.escape(headline)}</h1>"
+            f"{paragraphs}</article><footer>fixture</footer></body></html>").encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html; charset=utf-8")
+    handler.send_header("Content-Length", str(len(page)))
+    handler.end_headers()
+    handler.wfile.write(page)
+
+
 @pytest.fixture(scope="session")
 def site() -> Iterator[SiteServer]:
     """The fixture news site on 127.0.0.1, with a few dynamic routes."""
     routes = {
         "redirect-to-metadata": redirect_route("http://169.254.169.254/latest/meta-data/"),
+        "pages/seed-story-own-words.html": own_words_seed_route,
         **{f"slow/{i}.html": slow_route(2.5, "astana4-arrival.html") for i in range(6)},
     }
     server = serve_site(FIXTURES / "site", routes=routes)

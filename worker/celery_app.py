@@ -8,6 +8,8 @@ from worker.config import Settings
 
 POLL_QUEUE = "poll"
 PROCESS_QUEUE = "process"
+# The public queue producers send talkwire.ingest_url / talkwire.ingest_document to (issue 7).
+INTAKE_QUEUE = "intake"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -45,7 +47,13 @@ def create_app(settings: Settings) -> Celery:
             "talkwire.dispatch_due_feeds": {"queue": POLL_QUEUE},
             "talkwire.sweep_stale_work": {"queue": POLL_QUEUE},
             "talkwire.process_article": {"queue": PROCESS_QUEUE},
+            "talkwire.relink_round": {"queue": PROCESS_QUEUE},
+            "talkwire.ingest_url": {"queue": INTAKE_QUEUE},
+            "talkwire.ingest_document": {"queue": INTAKE_QUEUE},
         },
+        # Dead-letters intake messages whose body is not JSON: Celery drops those before any
+        # task runs (Consumer.on_decode_error), so the hook has to be in the consumer.
+        worker_consumer="worker.tasks:IntakeConsumer",
         beat_schedule={
             "dispatch-due-feeds": {
                 "task": "talkwire.dispatch_due_feeds",

@@ -66,11 +66,17 @@ def resolve(settings: Settings, *, with_demo: bool = False) -> Runtime:
         from worker.demo import demo_feed_paths
 
         with psycopg.connect(resolved.database_url or "") as conn:
-            store.apply_migrations(conn)
+            _prepare(conn)
             for path in demo_feed_paths():
                 store.add_feed(conn, keep[-1].url(path), source="demo",
                                interval_seconds=resolved.poll_interval_default)
     return Runtime(settings=resolved, keep=keep)
+
+
+def _prepare(conn: psycopg.Connection) -> None:
+    from worker.pipeline import prepare_database
+
+    prepare_database(conn)
 
 
 def _settings() -> Settings:
@@ -95,14 +101,27 @@ def main(log_level: str) -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending database migrations (safe to run from several places at once)."""
+    from worker.pipeline import prepare_database
+    from worker.tasks import enqueue_relinks
+
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        applied = store.apply_migrations(conn)
+        pending = [p.stem for p in sorted(store.MIGRATIONS_DIR.glob("[0-9]*.sql"))]
+        done = set(store.applied_migrations(conn))
+        changed = prepare_database(conn)
+    applied = [name for name in pending if name not in done]
     console.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    if changed:
+        from worker.celery_app import create_app
+
+        create_app(rt.settings)
+        enqueue_relinks(changed)
+        console.print(f"calendar changed for {len(changed)} round(s); relinking queued: "
+                      + ", ".join(changed))
 
 
 @main.command()
-@click.option("--queues", default="poll,process", show_default=True)
+@click.option("--queues", default="poll,process,intake", show_default=True)
 @click.option("--pool", default="prefork", show_default=True,
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("--concurrency", type=int, default=None, help="Default: TALKWIRE_WORKER_CONCURRENCY.")
@@ -227,12 +246,13 @@ def run(once: bool, timeout: float) -> None:
     rt = resolve(_settings(), with_demo=True)
     s = rt.settings
     with _connect(s) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
     create_app(s)
     started = datetime.now(timezone.utc)
     children = [
         _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8"]),
-        _spawn(s, ["worker", "--queues", "process", "--pool", "prefork"]),
+        _spawn(s, ["worker", "--queues", "process,intake", "--pool", "prefork"]),
+        _spawn(s, ["intake"]),
     ]
     if not once:
         children.append(_spawn(s, ["beat"]))
@@ -326,7 +346,7 @@ def feeds_add(url: str, title: str | None, discover: bool, add_all: bool) -> Non
             err_console.print(f"found {feed.format or 'feed'} ({feed.how}): {feed.url}")
         found = [(f.url, title or f.title, f.site_url) for f in (feeds if add_all else feeds[:1])]
     with _connect(s) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
         for feed_url, feed_title, site_url in found:
             row = store.add_feed(conn, feed_url, title=feed_title, source="cli",
                                  interval_seconds=s.poll_interval_default, site_url=site_url)
@@ -347,7 +367,7 @@ def feeds_import(path: Path) -> None:
     rt = resolve(_settings())
     added = 0
     with _connect(rt.settings) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
         known = {f.url for f in store.list_feeds(conn)}
         for item in entries:
             store.add_feed(conn, item.url, title=item.title, source="opml",
@@ -444,7 +464,7 @@ def feeds_poll(feed_id: int) -> None:
 
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
     create_app(rt.settings)
     ctx = open_context(rt.settings)
     try:
@@ -477,7 +497,7 @@ def ingest(url: str) -> None:
 
     rt = resolve(_settings())
     with _connect(rt.settings) as conn:
-        store.apply_migrations(conn)
+        _prepare(conn)
     ctx = open_context(rt.settings)
     try:
         with ctx.pool.connection() as conn:
@@ -500,6 +520,337 @@ def ingest(url: str) -> None:
     console.print(table)
     if row.state == "failed":
         sys.exit(1)
+
+
+@main.command()
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Only articles published (or stored) on or after this date.")
+def reprocess(since: datetime | None) -> None:
+    """Re-classify stored articles under the current rules; report how many labels changed."""
+    from rich.progress import Progress
+
+    from worker.classify import RULES_VERSION
+    from worker.pipeline import open_context, reclassify_stored
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+    ctx = open_context(rt.settings)
+    since_utc = since.replace(tzinfo=timezone.utc) if since else None
+    changes: dict[tuple[str | None, str], int] = {}
+    seen = 0
+    try:
+        with ctx.pool.connection() as conn:
+            total = store.count_stored_since(conn, since=since_utc)
+        with Progress(console=err_console, transient=False) as progress:
+            bar = progress.add_task("reclassifying", total=total)
+            after = 0
+            while True:
+                with ctx.pool.connection() as conn:
+                    page = store.list_stored_texts(conn, since=since_utc, after_id=after, limit=200)
+                if not page:
+                    break
+                for item in page:
+                    outcome = reclassify_stored(ctx, item)
+                    seen += 1
+                    if outcome.changed:
+                        key = (outcome.old_label, outcome.new_label)
+                        changes[key] = changes.get(key, 0) + 1
+                    progress.advance(bar)
+                after = page[-1].id
+    finally:
+        ctx.close()
+    changed = sum(changes.values())
+    console.print(f"reprocessed {seen} article(s) with rules {RULES_VERSION}: "
+                  f"{changed} label(s) changed")
+    if changes:
+        table = Table(title="label changes")
+        for col in ("from", "to", "articles"):
+            table.add_column(col)
+        for (old, new), n in sorted(changes.items(), key=lambda kv: -kv[1]):
+            table.add_row(old or "(none)", new, str(n))
+        console.print(table)
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate talkwire's decisions on a labelled corpus (../shared/eval-data)."""
+
+
+@eval_group.command("classify")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True)
+def eval_classify(corpus: Path) -> None:
+    """Precision, recall and F1 for `talks`, and the confusion matrix over four labels."""
+    from worker.evaluate import evaluate_classifier, format_classifier_report
+
+    report = evaluate_classifier(corpus)
+    if report is None:
+        console.print(f"skipped: no evaluation corpus at {corpus}")
+        return
+    console.print(format_classifier_report(report), markup=False, highlight=False, soft_wrap=True)
+
+
+@eval_group.command("rounds")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True)
+def eval_rounds(corpus: Path) -> None:
+    """Accuracy of the `about` round on every labelled talks item that names its round."""
+    from worker.eval_rounds import evaluate_rounds, format_rounds_report
+
+    report = evaluate_rounds(corpus)
+    if report is None:
+        console.print(f"skipped: no evaluation corpus at {corpus}")
+        return
+    console.print(format_rounds_report(report), markup=False, highlight=False, soft_wrap=True)
+
+
+@main.group()
+def rounds() -> None:
+    """The registry of negotiation rounds and the stories linked to them."""
+
+
+@rounds.command("list")
+@click.option("--track", default=None, help="Only this track (astana, geneva, sochi, ...).")
+def rounds_list(track: str | None) -> None:
+    """List rounds with dates, venue, status and how many stories link to each."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+        rows = store.list_round_summaries(conn, track=track)
+    table = Table(title=f"{len(rows)} round(s)")
+    for col in ("id", "track", "no.", "name", "dates", "venue", "status", "about", "refs", "ann."):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.id, r.track, "" if r.number is None else str(r.number), r.name,
+                      _dates(r.start_date, r.end_date), r.venue or "", r.status,
+                      str(r.about), str(r.refers_to), str(r.announces))
+    console.print(table)
+
+
+def _dates(start: Any, end: Any) -> str:
+    if start is None:
+        return "?"
+    return f"{start}" if end in (None, start) else f"{start} – {end}"
+
+
+@rounds.command("show")
+@click.argument("round_id")
+def rounds_show(round_id: str) -> None:
+    """A round's timeline: its facts, then its stories in order, and its neighbours."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+        info = store.get_round_summary(conn, round_id)
+        if info is None:
+            raise click.ClickException(f"no round {round_id!r}; see `talkwire rounds list`")
+        stories = store.list_round_timeline(conn, round_id)
+    console.print(f"[bold]{info.name}[/bold] ({info.id}, track {info.track})\n"
+                  f"dates: {_dates(info.start_date, info.end_date)}   venue: {info.venue or '?'}"
+                  f"   status: {info.status}\n"
+                  f"previous: {info.previous_round_id or '-'}   next: {info.next_round_id or '-'}")
+    table = Table(title=f"{len(stories)} stor{'y' if len(stories) == 1 else 'ies'}")
+    for col in ("published", "relation", "outlet", "headline", "evidence"):
+        table.add_column(col, overflow="fold")
+    for s in stories:
+        table.add_row(f"{s.published_at:%Y-%m-%d %H:%M}" if s.published_at else "?", s.relation,
+                      s.outlet or "", s.headline or s.url, s.evidence)
+    console.print(table)
+
+
+@eval_group.command("dedup")
+@click.option("--corpus", type=click.Path(path_type=Path), default=Path("../shared/eval-data"),
+              show_default=True, help="The eval-data folder (read only, never shipped).")
+def eval_dedup(corpus: Path) -> None:
+    """Precision and recall of dedup on the labelled wire-copy pairs; false merges elsewhere."""
+    from worker.eval_dedup import evaluate_dedup, format_report
+
+    result = evaluate_dedup(corpus)
+    if result is None:
+        console.print(f"skipped: no reuters_feed_2016_teftst corpus under {corpus}")
+        return
+    click.echo(format_report(result))
+
+
+# --- producer contracts and the change feed (issue 7) ------------------------------------
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Drain what is on the stream now, then exit.")
+@click.option("--consumer", default=None, help="Consumer name in the group (default: host-pid).")
+def intake(once: bool, consumer: str | None) -> None:
+    """Drain the Redis Stream intake (TALKWIRE_INTAKE_STREAM) into the validated path."""
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.intake import Intake, connect_redis
+    from worker.pipeline import open_context
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        store.apply_migrations(conn)
+    create_app(rt.settings)  # the current app: follow-up tasks are sent through it
+    ctx = open_context(rt.settings)
+    client = connect_redis(rt.settings.redis_url or "")
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    worker = Intake(ctx, client, tasks.enqueue_followups, consumer=consumer)
+    err_console.print(f"intake: consuming {worker.stream} as {worker.group}/{worker.consumer}")
+    try:
+        if once:
+            from worker.intake import ensure_group
+
+            ensure_group(client, worker.stream, worker.group)
+            while worker.drain_once(block_ms=200):
+                pass
+        else:
+            worker.run(should_stop=lambda: bool(stopping))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.close()
+        client.close()
+    console.print(" ".join(f"{k}={v}" for k, v in sorted(worker.stats.outcomes.items()))
+                  or "nothing to do")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect and replay producer messages that were rejected."""
+
+
+@dead_letters.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--reason", default=None, help="Only this reason code, e.g. missing_field.")
+@click.option("--producer", default=None)
+def dead_letters_list(limit: int, reason: str | None, producer: str | None) -> None:
+    """List the newest dead letters: id, time, reason, producer, size, detail."""
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        rows = store.list_dead_letters(conn, limit=limit, reason=reason, producer=producer)
+    table = Table(title=f"{len(rows)} dead letter(s)")
+    for col in ("id", "received", "via", "kind", "producer", "reason", "bytes", "detail",
+                "replayed"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), f"{r.received_at:%Y-%m-%d %H:%M:%S}", r.via, r.kind or "",
+                      r.producer or "", r.reason, str(r.payload_size), r.detail[:160],
+                      r.replay_outcome or "")
+    console.print(table)
+
+
+@dead_letters.command("show")
+@click.argument("dead_letter_id", type=int)
+@click.option("--raw", is_flag=True, help="Write the stored payload bytes to stdout, nothing else.")
+def dead_letters_show(dead_letter_id: int, raw: bool) -> None:
+    """Show one dead letter with its payload (pretty-printed when it is JSON)."""
+    import json
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        row = store.get_dead_letter(conn, dead_letter_id)
+    if row is None:
+        raise click.ClickException(f"no dead letter {dead_letter_id}")
+    payload = bytes(row.payload or b"")
+    if raw:
+        sys.stdout.buffer.write(payload)
+        return
+    for name in ("id", "received_at", "via", "source_ref", "kind", "producer", "reason",
+                 "detail", "payload_size", "payload_sha256", "payload_truncated", "replayed_at",
+                 "replay_outcome"):
+        value = getattr(row, name)
+        click.echo(f"{name:>17}: {'' if value is None else value}")
+    text = payload.decode("utf-8", "replace")
+    try:
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        pass
+    if len(text) > 20000:
+        text = text[:20000] + f"\n… ({len(payload)} bytes stored; --raw prints them all)"
+    click.echo("payload:" + (" (truncated copy)" if row.payload_truncated else ""))
+    click.echo(text)
+
+
+@dead_letters.command("replay")
+@click.argument("ids", nargs=-1, type=int, required=True)
+def dead_letters_replay(ids: tuple[int, ...]) -> None:
+    """Run dead letters through the validated path again (after a fix or a raised limit)."""
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.pipeline import accept_message, open_context
+
+    rt = resolve(_settings())
+    create_app(rt.settings)
+    ctx = open_context(rt.settings)
+    failed = 0
+    try:
+        for dead_letter_id in ids:
+            with ctx.pool.connection() as conn:
+                row = store.get_dead_letter(conn, dead_letter_id)
+            if row is None:
+                console.print(f"{dead_letter_id}: no such dead letter")
+                failed += 1
+                continue
+            if row.payload_truncated:
+                console.print(f"{dead_letter_id}: cannot replay, only the first "
+                              f"{len(row.payload or b'')} of {row.payload_size} bytes were kept")
+                failed += 1
+                continue
+            # The kind the message was sent as (a Celery task's); None makes it name its own.
+            outcome = accept_message(ctx, bytes(row.payload or b""), kind=row.kind,
+                                     via="replay", source_ref=f"dead_letter:{row.id}")
+            tasks.enqueue_articles(outcome.enqueue)
+            result = outcome.outcome
+            if outcome.outcome == "dead_letter":
+                again = (f"dead letter {outcome.dead_letter_id}" if outcome.dead_letter_id
+                         else "recorded at an earlier replay")
+                result = f"rejected again: {outcome.reason} ({again})"
+                failed += 1
+            elif outcome.article_id is not None:
+                result += f" (article {outcome.article_id})"
+            with ctx.pool.connection() as conn:
+                store.mark_dead_letter_replayed(conn, row.id, result)
+            console.print(f"{dead_letter_id}: {result}")
+    finally:
+        ctx.close()
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--since", default=0, show_default=True, help="Print changes with an id above this.")
+@click.option("--follow", is_flag=True, help="Keep printing new changes as they commit (LISTEN).")
+@click.option("--limit", default=1000, show_default=True, help="Rows per query.")
+def changes(since: int, follow: bool, limit: int) -> None:
+    """Print the change feed as JSON lines; resume with --since LAST_ID."""
+    import json
+
+    rt = resolve(_settings())
+    last = since
+    with psycopg.connect(rt.settings.database_url or "", autocommit=True) as conn:
+        if follow:
+            # LISTEN before the catch-up query: a change committed in between is then both
+            # read and notified, never missed (the id cursor drops the repeat).
+            store.listen_changes(conn)
+        try:
+            while True:
+                rows = store.list_changes(conn, since=last, limit=limit)
+                for row in rows:
+                    click.echo(json.dumps({"id": row.id, "event": row.event,
+                                           "entity": row.entity, "entity_id": row.entity_id,
+                                           "payload": row.payload,
+                                           "created_at": row.created_at.isoformat()},
+                                          ensure_ascii=False))
+                    last = row.id
+                sys.stdout.flush()
+                if len(rows) == limit:
+                    continue
+                if not follow:
+                    return
+                # Wake on a notification, or every 30 s in case one was lost with a connection.
+                for _ in conn.notifies(timeout=30, stop_after=1):
+                    pass
+        except KeyboardInterrupt:
+            return
 
 
 if __name__ == "__main__":

@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     worker_max_memory_kb: int = Field(default=400_000, ge=10_000)
     worker_concurrency: int = Field(default=2, ge=1)
 
+    # Producer contracts (issue 7). A message larger than this is dead-lettered as too_large;
+    # it bounds what one message can make a worker hold and extract.
+    message_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # A dead letter keeps its whole payload up to this size (so it can be replayed after, say,
+    # the limit above is raised); a larger one keeps its first 64 KiB, its size and sha256.
+    dead_letter_max_bytes: int = Field(default=4 * 1024 * 1024, ge=65536)
+    # The Redis stream any language can XADD to (under redis_prefix), and its consumer group.
+    intake_stream: str = "talkwire:intake"
+    intake_group: str = "talkwire"
+    # A stream entry left unacknowledged this long by a consumer that died is claimed by
+    # another (XAUTOCLAIM), so nothing on the stream is lost.
+    intake_claim_idle: float = Field(default=60.0, gt=0)
+    intake_batch: int = Field(default=50, ge=1)
+
     @field_validator("fetch_allow_networks", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:

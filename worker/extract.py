@@ -97,3 +97,11 @@ def declared_language(body: bytes) -> str | None:
     if not match:
         return None
     return (match.group(1) or match.group(2)).decode("ascii").lower()
+
+
+def article_from_text(url: str, text: str, *, title: str | None) -> Article:
+    """An article from plain text a producer sent (no page to extract); Permanent('no_text') if short."""
+    clean = _strip_nul(text).strip()
+    if len(clean) < MIN_TEXT_CHARS:
+        raise Permanent("no_text", f"text has {len(clean)} characters")
+    return Article(url=url, title=_strip_nul(title) or None, text=clean, extractor="producer-text")

@@ -10,22 +10,49 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 import httpx
+import psycopg
 from psycopg_pool import ConnectionPool
 
-from worker import store
+from worker import dedup, lineage, store
+from worker.classify import (
+    Classification,
+    Knowledge,
+    classify_article,
+    compose_document,
+    load_knowledge,
+)
 from worker.config import Settings
+from worker.contracts import (
+    IngestDocument,
+    IngestUrl,
+    InvalidMessage,
+    decode_message,
+    encode_payload,
+)
 from worker.errors import Permanent, Transient
-from worker.extract import extract_article
+from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
 from worker.logs import log_outcome
 from worker.politeness import HostLimiter, HostPermit, HostWait, redis_client
 from worker.poll import (cache_lifetime, entry_window, failure_backoff, feed_hint_seconds,
                          jittered, next_poll_interval, parse_feed)
-from worker.types import FetchLimits, Page
+from worker.rounds import (
+    LINKER_VERSION,
+    Round,
+    RoundProposal,
+    link_rounds,
+    load_seed_rounds,
+    new_round_id,
+)
+from worker.types import Article, FetchLimits, Page
+
+SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 
 _LOG = logging.getLogger("talkwire.pipeline")
 
@@ -51,6 +78,7 @@ class Context:
     pool: ConnectionPool
     http: httpx.Client
     limits: FetchLimits
+    knowledge: Knowledge
     hosts: HostLimiter | None = None
 
     def close(self) -> None:
@@ -78,7 +106,7 @@ def open_context(settings: Settings) -> Context:
                             lease_seconds=settings.fetch_deadline + 5,
                             max_wait=settings.host_max_wait)
     return Context(settings=settings, pool=pool, http=make_client(limits), limits=limits,
-                   hosts=hosts)
+                   knowledge=load_knowledge(), hosts=hosts)
 
 
 @dataclass(frozen=True)
@@ -101,9 +129,13 @@ class ProcessOutcome:
     """What processing one article did."""
 
     article_id: int
-    outcome: str  # stored | failed | retry | stale
+    outcome: str  # stored | duplicate | failed | retry | stale
     reason: str | None = None
     retry_after: float | None = None
+    label: str | None = None
+    # Rounds this article created or changed: the caller relinks their stories after commit.
+    changed_rounds: tuple[str, ...] = ()
+    filed: lineage.Filed | None = None
 
 
 def _take_host(ctx: Context, host: str, reservation: int | None,
@@ -263,10 +295,23 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    # Google News redirect links are unwrapped offline (issue 6); a URL that is already an
+    # alias of a stored article needs no fetch at all.
+    urls = dedup.url_variants(row.url)
+    target = dedup.unwrap_redirect_url(row.url)
+    with ctx.pool.connection() as conn:
+        owner_id = store.find_article_by_url(conn, dedup.canonicalize_url(target))
+    if owner_id is not None and owner_id != article_id:
+        with ctx.pool.connection() as conn, conn.transaction():
+            filed = lineage.file_known_url(conn, article_id, owner_id, urls)
+        log_outcome("process", "duplicate", article_id=article_id, url=row.url,
+                    duplicate_of=owner_id, method="alias", started=started)
+        return ProcessOutcome(article_id, "duplicate", filed=filed)
     try:
-        page = fetch_url(row.url, ctx.limits, client=ctx.http,
+        page = fetch_url(target, ctx.limits, client=ctx.http,
                          accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
         article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
     except Transient as exc:
         with ctx.pool.connection() as conn:
             if final_attempt:
@@ -284,8 +329,424 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         log_outcome("process", "failed", article_id=article_id, url=row.url, reason=exc.reason,
                     started=started)
         return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    published = article.published or row.feed_published_at
+    result = classify_text(ctx, title=article.title, text=article.text,
+                           language=article.language, published=published)
+    done = None
     with ctx.pool.connection() as conn, conn.transaction():
-        stored = store.store_article(conn, article_id, page, article)
-    outcome = "stored" if stored else "stale"
-    log_outcome("process", outcome, article_id=article_id, url=row.url, started=started)
-    return ProcessOutcome(article_id, outcome)
+        if store.store_article(conn, article_id, page, article):
+            done = file_and_understand(conn, ctx, article_id, page=page, article=article,
+                                       signature=signature, urls=urls, result=result,
+                                       published=published, origin=row.origin)
+    filed = done.filed if done else None
+    outcome = "stale" if not done else "duplicate" if filed and filed.method == "url" else "stored"
+    log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
+                started=started, **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
+                          changed_rounds=done.changed_rounds if done else ())
+
+
+@dataclass(frozen=True)
+class Understood:
+    """What filing and understanding a freshly stored article decided."""
+
+    filed: lineage.Filed
+    changed_rounds: tuple[str, ...]
+
+
+def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int, *, page: Page,
+                        article: Article, signature: dedup.Signature, urls: Sequence[str],
+                        result: Classification, published: datetime | None,
+                        origin: str) -> Understood:
+    """In the storing transaction: file into a story, store labels and round links, note it.
+
+    Used by every path that stores an article (a fetched page, a producer's document), so
+    each lands the same way. A copy under a URL we already hold (method `url`) takes its
+    labels from the article it duplicates.
+    """
+    filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                 signature=signature, urls=urls)
+    changed: list[str] = []
+    if filed.method != "url":
+        store.save_classification(conn, article_id, result)
+        changed = link_article(conn, ctx, article_id, result,
+                               compose_document(article.title, article.text),
+                               published.date() if published else None)
+        # Last in the transaction: the change feed's lock is held from here until commit.
+        record_article_created(conn, article_id, url=page.url, title=article.title,
+                               origin=origin)
+    return Understood(filed, tuple(changed))
+
+
+def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
+    """Fetch a stored article again; a changed text becomes its next version (issue 6)."""
+    started = time.monotonic()
+    with ctx.pool.connection() as conn:
+        row = store.get_article(conn, article_id)
+    if row is None or row.state != "stored":
+        log_outcome("refresh", "stale", article_id=article_id, started=started)
+        return ProcessOutcome(article_id, "stale")
+    url = row.canonical_url or row.final_url or row.url
+    try:
+        page = fetch_url(url, ctx.limits, client=ctx.http,
+                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+        article = extract_article(page)
+        signature = dedup.sign_text(article.text, article.title)
+    except Transient as exc:
+        log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "retry", reason=exc.reason, retry_after=exc.retry_after)
+    except Permanent as exc:
+        # A stored article whose page is gone keeps what we have; the reason is logged only.
+        log_outcome("refresh", "failed", article_id=article_id, url=url, reason=exc.reason,
+                    started=started)
+        return ProcessOutcome(article_id, "failed", reason=exc.reason)
+    published = article.published or row.published_at
+    result = classify_text(ctx, title=article.title, text=article.text,
+                           language=article.language, published=published)
+    with ctx.pool.connection() as conn, conn.transaction():
+        filed = lineage.refile_article(conn, article_id, page=page, article=article,
+                                       signature=signature)
+        if filed is not None and filed.new_version:
+            # Labels and round links follow the latest version of the text.
+            store.save_classification(conn, article_id, result)
+            link_article(conn, ctx, article_id, result,
+                         compose_document(article.title, article.text),
+                         published.date() if published else None)
+    outcome = "stale" if filed is None else "version" if filed.new_version else "unchanged"
+    log_outcome("refresh", outcome, article_id=article_id, url=url, started=started,
+                **_filed_keys(filed))
+    return ProcessOutcome(article_id, outcome, filed=filed)
+
+
+def _filed_keys(filed: lineage.Filed | None) -> dict[str, object]:
+    if filed is None:
+        return {}
+    return {"method": filed.method, "score": filed.score, "story_id": filed.story_id,
+            "version": filed.version, "filed_as": filed.article_id}
+
+
+def classify_text(ctx: Context, *, title: str | None, text: str, language: str | None,
+                  published: datetime | None) -> Classification:
+    """Classify one article's text with this process's knowledge."""
+    return classify_article(text=text, title=title, language=language,
+                            published=published.date() if published else None,
+                            knowledge=ctx.knowledge)
+
+
+@dataclass(frozen=True)
+class ReprocessOutcome:
+    """What reclassifying one stored article changed."""
+
+    article_id: int
+    old_label: str | None
+    new_label: str
+
+    @property
+    def changed(self) -> bool:
+        """True when the label differs from the one stored before."""
+        return self.old_label != self.new_label
+
+
+def reclassify_stored(ctx: Context, item: store.StoredText) -> ReprocessOutcome:
+    """Classify a stored article again under the current rules and store the result."""
+    result = classify_text(ctx, title=item.title, text=item.body, language=item.language,
+                           published=item.published_at)
+    document = compose_document(item.title, item.body)
+    with ctx.pool.connection() as conn, conn.transaction():
+        old_label, _ = store.save_classification(conn, item.id, result)
+        link_article(conn, ctx, item.id, result, document,
+                     item.published_at.date() if item.published_at else None, learn=False)
+    return ReprocessOutcome(item.id, old_label, result.label)
+
+
+def link_article(conn: psycopg.Connection, ctx: Context, article_id: int,
+                 result: Classification, document: str, published: date | None, *,
+                 learn: bool = True) -> list[str]:
+    """Link one classified article to rounds, letting it teach the registry; return changed ids.
+
+    Runs inside the caller's transaction, so links and registry changes commit with the
+    article. Reprocessing passes learn=False: old stories must not re-announce rounds.
+    """
+    registry = store.list_rounds(conn)
+    linking = link_rounds(result, document=document, published=published, registry=registry)
+    changed: list[str] = []
+    if learn and linking.proposals:
+        changed = apply_proposals(conn, ctx, linking.proposals, registry, article_id)
+        if changed:
+            registry = store.list_rounds(conn)
+            linking = link_rounds(result, document=document, published=published,
+                                  registry=registry)
+    store.replace_round_links(conn, article_id, linking.links,
+                              rules_version=f"{result.rules_version}+{LINKER_VERSION}")
+    return changed
+
+
+def apply_proposals(conn: psycopg.Connection, ctx: Context, proposals: tuple[RoundProposal, ...],
+                    registry: list[Round], article_id: int) -> list[str]:
+    """Apply a story's proposals to the registry; return the ids of rounds that changed."""
+    by_id = {r.id: r for r in registry}
+    changed: list[str] = []
+    for proposal in proposals:
+        if proposal.kind == "create":
+            round_id = new_round_id(proposal.track, proposal.number, proposal.start)
+            info = ctx.knowledge.track(proposal.track)
+            template = info.round_name if info and info.round_name else proposal.track + " {n}"
+            name = template.format(n=proposal.number, roman=proposal.number)
+            rnd = Round(round_id, proposal.track, proposal.number, name, proposal.start,
+                        proposal.end, proposal.venue, "announced")
+            if round_id not in by_id and store.insert_round(
+                    conn, rnd, source="article", article_id=article_id,
+                    note=f"announced: {proposal.evidence.text}"):
+                by_id[round_id] = rnd
+                changed.append(round_id)
+            continue
+        old = by_id.get(proposal.round_id or "")
+        if old is None:
+            continue
+        if proposal.kind == "move":
+            new = replace(old, start=proposal.start, end=proposal.end,
+                          venue=proposal.venue or old.venue,
+                          status="announced" if old.status == "postponed" else old.status)
+            change = "dates_changed"
+        else:
+            status = {"confirm": "held", "postpone": "postponed", "cancel": "cancelled"}[proposal.kind]
+            new, change = replace(old, status=status), "status_changed"
+        if new != old:
+            store.update_round(conn, old, new, change=change, source="article",
+                               article_id=article_id)
+            by_id[old.id] = new
+            changed.append(old.id)
+    return changed
+
+
+def seed_registry(conn: psycopg.Connection, knowledge: Knowledge,
+                  path: Path = SEED_ROUNDS) -> list[str]:
+    """Load tracks and the shipped calendar into the registry; return ids added or corrected.
+
+    Fields that an article set (per the round's provenance) are left alone; everything
+    else follows the seed file, so a corrected date in seeds/rounds.csv takes effect.
+    """
+    store.upsert_tracks(conn, [(t.id, t.label) for t in knowledge.tracks])
+    existing = {r.id: r for r in store.list_rounds(conn)}
+    changed: list[str] = []
+    for seed in load_seed_rounds(path):
+        old = existing.get(seed.id)
+        if old is None:
+            if store.insert_round(conn, seed, source="seed", article_id=None, note=None):
+                changed.append(seed.id)
+            continue
+        source = store.get_round_source(conn, seed.id)
+        provenance = source[1] if source else {}
+        learned = {f for f, origin in provenance.items()
+                   if isinstance(origin, dict) and origin.get("source") == "article"}
+        new = replace(
+            seed,
+            start=old.start if "start_date" in learned else seed.start,
+            end=old.end if "end_date" in learned else seed.end,
+            venue=old.venue if "venue" in learned else seed.venue,
+            status=old.status if "status" in learned else seed.status,
+        )
+        if new != old:
+            store.update_round(conn, old, new, change="seed_updated", source="seed",
+                               article_id=None)
+            changed.append(seed.id)
+    # The first load changes no story's links: there is nothing to relink yet.
+    return changed if existing else []
+
+
+def prepare_database(conn: psycopg.Connection, knowledge: Knowledge | None = None) -> list[str]:
+    """Apply migrations and seed the registry; return the ids of rounds the seed changed."""
+    store.apply_migrations(conn)
+    with conn.transaction():
+        changed = seed_registry(conn, knowledge or load_knowledge())
+    return changed
+
+
+def relink_window(rnd: Round | None) -> tuple[date, date]:
+    """The publication dates whose stories may link to a round (all time if unknown)."""
+    if rnd is None or rnd.start is None:
+        return date(1990, 1, 1), date(2100, 1, 1)
+    # Previews run up to months ahead and retrospectives long after; a wide window is cheap
+    # because only talks and related stories are read.
+    return rnd.start - timedelta(days=180), (rnd.end or rnd.start) + timedelta(days=365)
+
+
+def relink_round(ctx: Context, round_id: str) -> int:
+    """Re-link the stories that may concern a round after it changed; return how many."""
+    with ctx.pool.connection() as conn:
+        rnd = next((r for r in store.list_rounds(conn) if r.id == round_id), None)
+        start, end = relink_window(rnd)
+        ids = store.list_articles_to_relink(conn, start=start, end=end, round_id=round_id)
+    for article_id in ids:
+        with ctx.pool.connection() as conn:
+            item = store.get_stored_text(conn, article_id)
+        if item is not None:
+            reclassify_stored(ctx, item)
+    log_outcome("relink", "done", round_id=round_id, articles=len(ids))
+    return len(ids)
+
+
+def record_article_created(conn: psycopg.Connection, article_id: int, *, url: str,
+                           title: str | None, origin: str) -> None:
+    """In the storing transaction: fill gaps from producer hints, then append article_created."""
+    store.fill_article_hints(conn, article_id)
+    # Last in the transaction: the change feed's lock is held from here until commit.
+    store.append_change(conn, "article_created", "article", article_id,
+                        {"url": url, "title": title, "origin": origin})
+
+
+# --- producer messages (issue 7) --------------------------------------------------------
+
+# A dead letter whose payload is above TALKWIRE_DEAD_LETTER_MAX_BYTES keeps this much of it.
+DEAD_LETTER_HEAD_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    """What one producer message did."""
+
+    outcome: str  # queued | known | stored | failed | duplicate | dead_letter
+    article_id: int | None = None
+    enqueue: tuple[int, ...] = ()  # articles whose process task the caller sends after commit
+    reason: str | None = None
+    relink: tuple[str, ...] = ()  # rounds a stored document changed: relinked after commit
+    dead_letter_id: int | None = None
+
+
+def accept_message(ctx: Context, payload: object, *, kind: str | None, via: str,
+                   source_ref: str | None) -> IntakeOutcome:
+    """Validate one producer message and act on it; bad input is dead-lettered, never raised."""
+    try:
+        message = decode_message(payload, kind=kind, max_bytes=ctx.settings.message_max_bytes)
+    except InvalidMessage as exc:
+        return reject_message(ctx, payload, exc, via=via, source_ref=source_ref)
+    if isinstance(message, IngestUrl):
+        outcome = ingest_url(ctx, message, via=via, source_ref=source_ref)
+    else:
+        outcome = ingest_document(ctx, message, via=via, source_ref=source_ref)
+    if outcome.outcome == "duplicate" and outcome.reason == "idempotency_conflict":
+        # Same key, different message: the producer reused a key (Stripe answers the same
+        # way). The first message stands; this one is kept for a person to look at.
+        return reject_message(ctx, payload, InvalidMessage(
+            "idempotency_conflict", f"key {message.idempotency_key[:100]!r} was first used for "
+            "a different message", producer=message.producer, kind=message.kind),
+            via=via, source_ref=source_ref)
+    return outcome
+
+
+def reject_message(ctx: Context, payload: object, error: InvalidMessage, *, via: str,
+                   source_ref: str | None) -> IntakeOutcome:
+    """Store a rejected message as a dead letter with its reason; never raises on bad input."""
+    raw = encode_payload(payload)
+    truncated = len(raw) > ctx.settings.dead_letter_max_bytes
+    # Everything but the payload (bytea) goes into text columns; a producer-made value with a
+    # NUL or of another type must not make the dead letter itself fail.
+    ref = _clean_text(source_ref, 200)
+    producer = _clean_text(error.producer, 64)
+    with ctx.pool.connection() as conn:
+        dead_letter_id = store.record_dead_letter(
+            conn, via=via, source_ref=ref, kind=error.kind, producer=producer,
+            reason=error.reason, detail=_clean_text(error.detail, 2000) or "",
+            payload=raw[:DEAD_LETTER_HEAD_BYTES] if truncated else raw,
+            payload_size=len(raw), payload_sha256=hashlib.sha256(raw).hexdigest(),
+            payload_truncated=truncated)
+    log_outcome("intake", "dead_letter", via=via, source_ref=ref, reason=error.reason,
+                producer=producer, dead_letter_id=dead_letter_id, detail=error.detail[:200])
+    return IntakeOutcome("dead_letter", reason=error.reason, dead_letter_id=dead_letter_id)
+
+
+def ingest_url(ctx: Context, message: IngestUrl, *, via: str,
+               source_ref: str | None) -> IntakeOutcome:
+    """Record a URL submission and its article row; the caller enqueues it after commit."""
+    started = time.monotonic()
+    created = False
+    article_id: int | None = None
+    with ctx.pool.connection() as conn, conn.transaction():
+        claim = _claim(conn, message, via, source_ref)
+        if claim.fresh:
+            article_id, created = store.add_article_url(conn, message.url, origin="producer")
+            store.link_submission(conn, claim.id, article_id)
+    if not claim.fresh:
+        return _duplicate(message, claim, via, started)
+    # A URL talkwire already knows (from a feed or another producer) is not fetched again.
+    outcome = "queued" if created else "known"
+    log_outcome("intake", outcome, via=via, producer=message.producer, article_id=article_id,
+                url=message.url, started=started)
+    return IntakeOutcome(outcome, article_id, enqueue=(article_id,) if created and article_id else ())
+
+
+def ingest_document(ctx: Context, message: IngestDocument, *, via: str,
+                    source_ref: str | None) -> IntakeOutcome:
+    """Extract a document a producer sent and store it, without a fetch, in one transaction."""
+    started = time.monotonic()
+    # Extraction runs before the transaction opens: no locks are held while trafilatura works.
+    page = Page(url=message.url, final_url=message.url, status=200,
+                body=message.content.encode("utf-8", "replace"),
+                content_type=message.content_type, charset="utf-8")
+    failure: Permanent | None = None
+    article = None
+    try:
+        if message.content_type == "text/plain":
+            article = article_from_text(message.url, message.content, title=message.title)
+        else:
+            article = extract_article(page)
+            if article.title is None and message.title:
+                article = replace(article, title=message.title)
+    except Permanent as exc:
+        failure = exc
+    stored = False
+    article_id: int | None = None
+    relink: tuple[str, ...] = ()
+    if article is not None:
+        # Signature and labels are computed before the transaction, like extraction.
+        signature = dedup.sign_text(article.text, article.title)
+        published = article.published or message.hints.published_at
+        result = classify_text(ctx, title=article.title, text=article.text,
+                               language=article.language, published=published)
+    with ctx.pool.connection() as conn, conn.transaction():
+        claim = _claim(conn, message, via, source_ref)
+        if claim.fresh:
+            article_id, created = store.add_article_url(conn, message.url, origin="producer")
+            store.link_submission(conn, claim.id, article_id)
+            if article is not None:
+                # False when the URL was already stored: a new version is dedup's business.
+                stored = store.store_article(conn, article_id, page, article)
+                if stored:
+                    relink = file_and_understand(
+                        conn, ctx, article_id, page=page, article=article,
+                        signature=signature, urls=dedup.url_variants(message.url),
+                        result=result, published=published, origin="producer").changed_rounds
+            elif failure is not None and created:
+                store.fail_article(conn, article_id, reason=failure.reason, detail=str(failure))
+    if not claim.fresh:
+        return _duplicate(message, claim, via, started)
+    outcome = "stored" if stored else ("failed" if failure is not None else "known")
+    reason = failure.reason if failure is not None else None
+    log_outcome("intake", outcome, via=via, producer=message.producer, article_id=article_id,
+                url=message.url, reason=reason, started=started)
+    return IntakeOutcome(outcome, article_id, reason=reason, relink=relink)
+
+
+def _claim(conn: psycopg.Connection, message: IngestUrl | IngestDocument, via: str,
+           source_ref: str | None) -> store.SubmissionClaim:
+    return store.claim_submission(
+        conn, producer=message.producer, idempotency_key=message.idempotency_key,
+        kind=message.kind, schema_version=message.version, via=via, source_ref=source_ref,
+        payload_sha256=message.digest, hints=message.hints.as_json())
+
+
+def _duplicate(message: IngestUrl | IngestDocument, claim: store.SubmissionClaim, via: str,
+               started: float) -> IntakeOutcome:
+    # A resend is an outcome, not an error: nothing new is stored and nothing is enqueued.
+    conflict = claim.payload_sha256 != message.digest
+    log_outcome("intake", "duplicate", via=via, producer=message.producer,
+                article_id=claim.article_id, url=message.url, conflict=conflict, started=started)
+    return IntakeOutcome("duplicate", claim.article_id,
+                         reason="idempotency_conflict" if conflict else None)
+
+
+def _clean_text(value: object, limit: int) -> str | None:
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\\x00")[:limit]

@@ -100,7 +100,9 @@ def entry_key(entry: FeedEntry) -> str:
 
 
 def _to_entry(raw: feedparser.FeedParserDict, base_url: str) -> FeedEntry:
-    url = _absolute(raw.get("link"), base_url)
+    # A FeedBurner proxy link (/~r/.../~3/<id>/story01.htm) hides its target; the feed states
+    # it in feedburner:origLink, which saves a redirect and gives dedup the real URL (issue 6).
+    url = _absolute(raw.get("feedburner_origlink"), base_url) or _absolute(raw.get("link"), base_url)
     if not url:
         for link in raw.get("links", []):
             if link.get("rel", "alternate") == "alternate" and link.get("href"):

@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import psycopg
 from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
 
+from worker.classify import Classification
 from worker.poll import entry_key
+from worker.rounds import Round, RoundLink
 from worker.types import Article, FeedEntry, Page
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
@@ -123,6 +126,7 @@ class ArticleRow:
     final_url: str | None
     canonical_url: str | None
     stored_at: datetime | None
+    feed_published_at: datetime | None
 
 
 # Column lists are spelled out in each statement (no string building), matching the row
@@ -155,6 +159,14 @@ def apply_migrations(conn: psycopg.Connection, directory: Path = MIGRATIONS_DIR)
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
         conn.commit()
     return applied
+
+
+def applied_migrations(conn: psycopg.Connection) -> list[str]:
+    """Versions already applied (empty on a database never migrated)."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+    if not exists or exists[0] is None:
+        return []
+    return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
 
 # --- feeds ------------------------------------------------------------------------------
@@ -507,7 +519,8 @@ def get_article(conn: psycopg.Connection, article_id: int) -> ArticleRow | None:
     with conn.cursor(row_factory=class_row(ArticleRow)) as cur:
         cur.execute(
             "SELECT id, url, state, origin, attempts, fail_reason, fail_detail, title, body,"
-            " author, site_name, language, published_at, final_url, canonical_url, stored_at"
+            " author, site_name, language, published_at, final_url, canonical_url, stored_at,"
+            " feed_published_at"
             " FROM articles WHERE id = %s",
             (article_id,),
         )
@@ -525,7 +538,8 @@ def lease_article(conn: psycopg.Connection, article_id: int, *,
             " WHERE id = %s AND state = 'pending'"
             "   AND (leased_until IS NULL OR leased_until < now())"
             " RETURNING id, url, state, origin, attempts, fail_reason, fail_detail, title, body,"
-            " author, site_name, language, published_at, final_url, canonical_url, stored_at",
+            " author, site_name, language, published_at, final_url, canonical_url, stored_at,"
+            " feed_published_at",
             (lease_seconds, article_id),
         )
         return cur.fetchone()
@@ -536,7 +550,8 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
     """Store extracted content and mark the article stored; False if it was not pending."""
     content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
     cur = conn.execute(
-        "UPDATE articles SET state = 'stored', final_url = %s, canonical_url = %s,"
+        # canonical_url is talkwire's own (set by the dedup step); the page's claim is kept apart.
+        "UPDATE articles SET state = 'stored', final_url = %s, declared_url = %s,"
         " http_status = %s, title = %s, body = %s, author = %s, site_name = %s, language = %s,"
         " description = %s, published_at = COALESCE(%s, feed_published_at),"
         " content_hash = %s, extractor = %s, extract_warnings = %s, fetched_at = now(),"
@@ -622,3 +637,808 @@ def summarize_since(conn: psycopg.Connection, since: datetime) -> dict[str, obje
         )
         summary["failures"] = [(r["kind"], r["reason"], r["n"]) for r in cur.fetchall()]
     return summary
+
+
+# --- classification ---------------------------------------------------------------------
+
+
+def save_classification(conn: psycopg.Connection, article_id: int,
+                        result: Classification) -> tuple[str | None, str | None]:
+    """Replace an article's label and facts; return its previous (label, rules_version)."""
+    previous = conn.execute(
+        "SELECT label, rules_version FROM article_labels WHERE article_id = %s FOR UPDATE",
+        (article_id,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO article_labels (article_id, label, score, tracks, rules_version, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (article_id) DO UPDATE SET label = EXCLUDED.label,"
+        " score = EXCLUDED.score, tracks = EXCLUDED.tracks,"
+        " rules_version = EXCLUDED.rules_version, detail = EXCLUDED.detail,"
+        " classified_at = now()",
+        (article_id, result.label, result.score, list(result.tracks), result.rules_version,
+         Jsonb(result.to_dict())),
+    )
+    conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
+            " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(article_id, *fact, result.rules_version) for fact in _fact_rows(result)],
+        )
+    if previous is not None and previous[0] != result.label:
+        conn.execute(
+            "INSERT INTO label_changes (article_id, old_label, new_label, old_rules_version,"
+            " new_rules_version) VALUES (%s, %s, %s, %s, %s)",
+            (article_id, previous[0], result.label, previous[1], result.rules_version),
+        )
+    return (previous[0], previous[1]) if previous else (None, None)
+
+
+def _fact_rows(result: Classification) -> list[tuple[object, ...]]:
+    # Columns: kind, value, role, side, track, number, relation, date_start, date_end,
+    # span_start, span_end, evidence.
+    rows: list[tuple[object, ...]] = []
+    for hit in result.track_hits:
+        e = hit.evidence
+        rows.append(("track", hit.track, None, None, hit.track, None, None, None, None,
+                     e.start, e.end, e.text))
+    for mention in result.rounds:
+        e = mention.evidence
+        start, end = mention.date_range or (None, None)
+        rows.append(("round", mention.name, None, None, mention.track, mention.number,
+                     mention.relation, start, end, e.start, e.end, e.text))
+    for found in result.dates:
+        e = found.evidence
+        rows.append(("date", None, None, None, None, None, None, found.start, found.end,
+                     e.start, e.end, e.text))
+    for venue in result.venues:
+        e = venue.evidence
+        rows.append(("venue", venue.name, None, None, None, None, None, None, None,
+                     e.start, e.end, e.text))
+    for actor in result.actors:
+        e = actor.evidence
+        rows.append(("actor", actor.name, actor.role, actor.side, None, None, None, None, None,
+                     e.start, e.end, e.text))
+    return rows
+
+
+@dataclass(frozen=True)
+class StoredText:
+    """What reclassification needs of a stored article."""
+
+    id: int
+    title: str | None
+    body: str
+    language: str | None
+    published_at: datetime | None
+
+
+def list_stored_texts(conn: psycopg.Connection, *, since: datetime | None, after_id: int,
+                      limit: int) -> list[StoredText]:
+    """One page of stored articles (published or stored since a time) with id > after_id."""
+    # Keyset pagination: each page is its own short query, so reprocessing a large archive
+    # holds no long transaction open.
+    with conn.cursor(row_factory=class_row(StoredText)) as cur:
+        cur.execute(
+            "SELECT id, title, body, language, published_at FROM articles"
+            " WHERE state = 'stored' AND body IS NOT NULL AND id > %(after)s"
+            "   AND (%(since)s::timestamptz IS NULL"
+            "        OR COALESCE(published_at, stored_at) >= %(since)s::timestamptz)"
+            " ORDER BY id LIMIT %(limit)s",
+            {"since": since, "after": after_id, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def count_stored_since(conn: psycopg.Connection, *, since: datetime | None) -> int:
+    """How many stored articles iter_stored_texts would yield."""
+    row = conn.execute(
+        "SELECT count(*) FROM articles WHERE state = 'stored' AND body IS NOT NULL"
+        " AND (%(since)s::timestamptz IS NULL"
+        "      OR COALESCE(published_at, stored_at) >= %(since)s::timestamptz)",
+        {"since": since},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+
+def upsert_tracks(conn: psycopg.Connection, tracks: Iterable[tuple[str, str]]) -> None:
+    """Insert or rename the negotiation tracks (id, name) the knowledge files define."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO tracks (id, name) VALUES (%s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+            list(tracks),
+        )
+
+
+def list_rounds(conn: psycopg.Connection) -> list[Round]:
+    """Every round in the registry, in track and date order."""
+    rows = conn.execute(
+        "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
+        " ORDER BY track, start_date NULLS LAST, id"
+    ).fetchall()
+    return [Round(*row) for row in rows]
+
+
+def get_round_source(conn: psycopg.Connection, round_id: str) -> tuple[str, dict[str, object]] | None:
+    """A round's source ('seed' or 'article') and per-field provenance, or None."""
+    row = conn.execute("SELECT source, provenance FROM rounds WHERE id = %s", (round_id,)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def insert_round(conn: psycopg.Connection, rnd: Round, *, source: str,
+                 article_id: int | None, note: str | None) -> bool:
+    """Add a round unless its id exists; record the creation. True if it was added."""
+    origin: dict[str, object] = {"source": source}
+    if article_id is not None:
+        origin["article_id"] = article_id
+    provenance = {f: origin for f in ("number", "name", "start_date", "end_date", "venue", "status")}
+    row = conn.execute(
+        "INSERT INTO rounds (id, track, number, name, start_date, end_date, venue, status,"
+        " source, source_article_id, provenance, note)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (rnd.id, rnd.track, rnd.number, rnd.name, rnd.start, rnd.end, rnd.venue, rnd.status,
+         source, article_id, Jsonb(provenance), note),
+    ).fetchone()
+    if row is None:
+        return False
+    change_id = conn.execute(
+        "INSERT INTO round_changes (round_id, change, new_value, article_id)"
+        " VALUES (%s, 'created', %s, %s) RETURNING id",
+        (rnd.id, Jsonb(_round_json(rnd)), article_id),
+    ).fetchone()
+    # Round ids are text; the feed's entity_id is the round_changes row, payload names the round.
+    append_change(conn, "round_created", "round", change_id[0],
+                  {"round_id": rnd.id, "source": source, "article_id": article_id,
+                   **_round_json(rnd)})
+    return True
+
+
+def update_round(conn: psycopg.Connection, old: Round, new: Round, *, change: str,
+                 source: str, article_id: int | None) -> None:
+    """Change a round's fields, noting which fields this source set, and record the change."""
+    origin: dict[str, object] = {"source": source}
+    if article_id is not None:
+        origin["article_id"] = article_id
+    old_json, new_json = _round_json(old), _round_json(new)
+    changed = {k: origin for k in new_json if new_json[k] != old_json[k]}
+    if not changed:
+        return
+    conn.execute(
+        "UPDATE rounds SET number = %s, name = %s, start_date = %s, end_date = %s, venue = %s,"
+        " status = %s, provenance = provenance || %s, updated_at = now() WHERE id = %s",
+        (new.number, new.name, new.start, new.end, new.venue, new.status, Jsonb(changed), new.id),
+    )
+    old_values = {k: old_json[k] for k in changed}
+    new_values = {k: new_json[k] for k in changed}
+    change_id = conn.execute(
+        "INSERT INTO round_changes (round_id, change, old_value, new_value, article_id)"
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        (new.id, change, Jsonb(old_values), Jsonb(new_values), article_id),
+    ).fetchone()
+    append_change(conn, "round_updated", "round", change_id[0],
+                  {"round_id": new.id, "change": change, "old": old_values, "new": new_values,
+                   "article_id": article_id})
+
+
+def _round_json(rnd: Round) -> dict[str, object]:
+    return {"number": rnd.number, "name": rnd.name,
+            "start_date": rnd.start.isoformat() if rnd.start else None,
+            "end_date": rnd.end.isoformat() if rnd.end else None,
+            "venue": rnd.venue, "status": rnd.status}
+
+
+def replace_round_links(conn: psycopg.Connection, article_id: int, links: Sequence[RoundLink],
+                        *, rules_version: str) -> tuple[int, int]:
+    """Make an article's round links exactly `links`; record what was added and removed."""
+    before = {(r[0], r[1]) for r in conn.execute(
+        "SELECT round_id, relation FROM round_links WHERE article_id = %s FOR UPDATE",
+        (article_id,))}
+    after = {(link.round_id, link.relation): link for link in links}
+    removed = before - after.keys()
+    added = after.keys() - before
+    with conn.cursor() as cur:
+        cur.executemany(
+            "DELETE FROM round_links WHERE article_id = %s AND round_id = %s AND relation = %s",
+            [(article_id, rid, rel) for rid, rel in removed],
+        )
+        cur.executemany(
+            "INSERT INTO round_links (article_id, round_id, relation, confidence, method,"
+            " evidence, span_start, span_end, rules_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (article_id, round_id, relation) DO UPDATE SET"
+            " confidence = EXCLUDED.confidence, method = EXCLUDED.method,"
+            " evidence = EXCLUDED.evidence, span_start = EXCLUDED.span_start,"
+            " span_end = EXCLUDED.span_end, rules_version = EXCLUDED.rules_version,"
+            " linked_at = now()",
+            [(article_id, link.round_id, link.relation, link.confidence, link.method,
+              link.evidence.text, link.evidence.start, link.evidence.end, rules_version)
+             for link in after.values()],
+        )
+        cur.executemany(
+            "INSERT INTO round_link_changes (article_id, round_id, relation, change, confidence,"
+            " rules_version) VALUES (%s, %s, %s, %s, %s, %s)",
+            [(article_id, rid, rel, "removed", None, rules_version) for rid, rel in removed]
+            + [(article_id, rid, rel, "added", after[(rid, rel)].confidence, rules_version)
+               for rid, rel in added],
+        )
+    if added or removed:
+        append_change(conn, "round_link_changed", "article", article_id,
+                      {"added": [{"round_id": r, "relation": rel} for r, rel in sorted(added)],
+                       "removed": [{"round_id": r, "relation": rel} for r, rel in sorted(removed)],
+                       "rules_version": rules_version})
+    return len(added), len(removed)
+
+
+def list_articles_to_relink(conn: psycopg.Connection, *, start: date, end: date,
+                            round_id: str | None) -> list[int]:
+    """Talks and related articles published in a window, or already linked to a round."""
+    rows = conn.execute(
+        "SELECT a.id FROM articles a JOIN article_labels l ON l.article_id = a.id"
+        " WHERE l.label IN ('talks', 'related') AND a.state = 'stored'"
+        "   AND a.published_at >= %s AND a.published_at < %s"
+        " UNION"
+        " SELECT article_id FROM round_links WHERE round_id = %s"
+        " ORDER BY 1",
+        (start, end, round_id),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def get_stored_text(conn: psycopg.Connection, article_id: int) -> StoredText | None:
+    """One stored article's text for reclassification, or None."""
+    with conn.cursor(row_factory=class_row(StoredText)) as cur:
+        cur.execute(
+            "SELECT id, title, body, language, published_at FROM articles"
+            " WHERE id = %s AND state = 'stored' AND body IS NOT NULL",
+            (article_id,),
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """A round with its neighbours and how many stories link to it, by relation."""
+
+    id: str
+    track: str
+    number: int | None
+    name: str
+    start_date: date | None
+    end_date: date | None
+    venue: str | None
+    status: str
+    previous_round_id: str | None
+    next_round_id: str | None
+    about: int
+    refers_to: int
+    announces: int
+
+
+def list_round_summaries(conn: psycopg.Connection, *, track: str | None) -> list[RoundSummary]:
+    """Rounds in track and date order with their neighbours and link counts."""
+    with conn.cursor(row_factory=class_row(RoundSummary)) as cur:
+        cur.execute(
+            "SELECT s.id, s.track, s.number, s.name, s.start_date, s.end_date, s.venue, s.status,"
+            " s.previous_round_id, s.next_round_id,"
+            " count(l.*) FILTER (WHERE l.relation = 'about') AS about,"
+            " count(l.*) FILTER (WHERE l.relation = 'refers_to') AS refers_to,"
+            " count(l.*) FILTER (WHERE l.relation = 'announces') AS announces"
+            " FROM round_sequence s LEFT JOIN round_links l ON l.round_id = s.id"
+            " WHERE %(track)s::text IS NULL OR s.track = %(track)s::text"
+            " GROUP BY s.id, s.track, s.number, s.name, s.start_date, s.end_date, s.venue,"
+            "   s.status, s.previous_round_id, s.next_round_id"
+            " ORDER BY s.track, s.start_date NULLS LAST, s.id",
+            {"track": track},
+        )
+        return cur.fetchall()
+
+
+def get_round_summary(conn: psycopg.Connection, round_id: str) -> RoundSummary | None:
+    """One round's summary, or None."""
+    return next((r for r in list_round_summaries(conn, track=None) if r.id == round_id), None)
+
+
+@dataclass(frozen=True)
+class TimelineStory:
+    """One story on a round's timeline."""
+
+    article_id: int
+    published_at: datetime | None
+    relation: str
+    outlet: str | None
+    headline: str | None
+    url: str
+    evidence: str
+
+
+def list_round_timeline(conn: psycopg.Connection, round_id: str) -> list[TimelineStory]:
+    """A round's stories in order of publication, with relation, outlet and headline."""
+    with conn.cursor(row_factory=class_row(TimelineStory)) as cur:
+        cur.execute(
+            "SELECT article_id, published_at, relation, outlet, headline, url, evidence"
+            " FROM round_timeline WHERE round_id = %s ORDER BY published_at NULLS LAST, article_id",
+            (round_id,),
+        )
+        return cur.fetchall()
+
+
+# --- dedup: aliases, signatures, stories, versions, decisions (issue 6) ----------------
+
+
+@dataclass(frozen=True)
+class DedupRow:
+    """An article as the dedup step sees it: identity, latest text and story."""
+
+    id: int
+    state: str
+    url: str
+    canonical_url: str | None
+    final_url: str | None
+    title: str | None
+    body: str | None
+    content_hash: str | None
+    fingerprint: str | None
+    shingle_count: int | None
+    version: int
+    story_id: int | None
+    published_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """A stored article that may be a copy of a new one: its text and its story."""
+
+    id: int
+    title: str | None
+    body: str
+    story_id: int | None
+    shingle_count: int | None
+
+
+@dataclass(frozen=True)
+class StoryRefresh:
+    """A story's representative before and after a membership change, and its size."""
+
+    story_id: int
+    old_representative_id: int
+    representative_id: int
+    member_count: int
+
+
+def lock_dedup_keys(conn: psycopg.Connection, keys: Sequence[int]) -> None:
+    """Take transaction advisory locks on the keys (URL, fingerprint, bands) in sorted order."""
+    # Two copies of one story processed at once share at least one key, so the second waits
+    # for the first to commit and then sees it; sorted order rules out lock-order deadlocks.
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(k)"
+        " FROM (SELECT DISTINCT k FROM unnest(%s::bigint[]) AS k ORDER BY k) AS sorted_keys",
+        (list(keys),),
+    )
+
+
+def find_article_by_url(conn: psycopg.Connection, url: str) -> int | None:
+    """The article that owns this URL as an alias (any variant, or its canonical form)."""
+    row = conn.execute("SELECT article_id FROM article_aliases WHERE url = %s", (url,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def add_aliases(conn: psycopg.Connection, article_id: int,
+                aliases: Iterable[tuple[str, str]]) -> None:
+    """Record (url, kind) aliases of an article; a URL already owned keeps its owner."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO article_aliases (url, article_id, kind) VALUES (%s, %s, %s)"
+            " ON CONFLICT (url) DO NOTHING",
+            [(url, article_id, kind) for url, kind in dict(aliases).items()],
+        )
+
+
+def get_dedup_row(conn: psycopg.Connection, article_id: int) -> DedupRow | None:
+    """One article's identity, latest text and story, or None."""
+    with conn.cursor(row_factory=class_row(DedupRow)) as cur:
+        cur.execute(
+            "SELECT id, state, url, canonical_url, final_url, title, body, content_hash,"
+            " fingerprint, shingle_count, version, story_id, published_at"
+            " FROM articles WHERE id = %s",
+            (article_id,),
+        )
+        return cur.fetchone()
+
+
+def set_article_identity(conn: psycopg.Connection, article_id: int, *, canonical_url: str,
+                         outlet: str | None, fingerprint: str, shingle_count: int) -> None:
+    """Give a newly stored article its canonical URL, outlet and fingerprint, as version 1."""
+    conn.execute(
+        "UPDATE articles SET canonical_url = %s, outlet = %s, fingerprint = %s,"
+        " shingle_count = %s, version = 1 WHERE id = %s",
+        (canonical_url, outlet, fingerprint, shingle_count, article_id),
+    )
+
+
+def mark_duplicate(conn: psycopg.Connection, article_id: int, owner_id: int) -> bool:
+    """Turn an article row into a tombstone pointing at the article its URL names."""
+    # The text lives on in the owner's versions; the row stays so its URL is not fetched again.
+    cur = conn.execute(
+        "UPDATE articles SET state = 'duplicate', duplicate_of = %s,"
+        " latest_id = (SELECT COALESCE(o.latest_id, o.id) FROM articles o WHERE o.id = %s),"
+        " body = NULL, leased_until = NULL, fail_reason = NULL, fail_detail = NULL,"
+        " stored_at = COALESCE(stored_at, now())"
+        " WHERE id = %s AND state IN ('pending', 'stored')",
+        (owner_id, owner_id, article_id),
+    )
+    return cur.rowcount == 1
+
+
+def move_entries(conn: psycopg.Connection, from_article_id: int, to_article_id: int) -> int:
+    """Re-point feed sightings of one article to another; return how many moved."""
+    cur = conn.execute("UPDATE entries SET article_id = %s WHERE article_id = %s",
+                       (to_article_id, from_article_id))
+    return cur.rowcount
+
+
+def find_exact_copies(conn: psycopg.Connection, fingerprint: str, *, exclude_id: int,
+                      limit: int) -> list[int]:
+    """Stored articles whose normalized text has this fingerprint, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM articles WHERE fingerprint = %s AND state = 'stored' AND id <> %s"
+        " ORDER BY id LIMIT %s",
+        (fingerprint, exclude_id, limit),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def find_band_candidates(conn: psycopg.Connection, band_keys: Sequence[int], *,
+                         exclude_id: int, limit: int) -> list[tuple[int, int]]:
+    """Articles sharing LSH bands with a signature, as (article_id, shared bands), most first."""
+    # One probe of the (band_key, article_id) primary key per band: index-only, independent
+    # of how many signatures are stored.
+    rows = conn.execute(
+        "SELECT article_id, count(*) FROM article_bands"
+        " WHERE band_key = ANY(%s::bigint[]) AND article_id <> %s"
+        " GROUP BY article_id ORDER BY count(*) DESC, article_id LIMIT %s",
+        (list(band_keys), exclude_id, limit),
+    ).fetchall()
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def get_candidate_texts(conn: psycopg.Connection, article_ids: Sequence[int]) -> list[CandidateRow]:
+    """The latest text and story of stored articles, in id order."""
+    with conn.cursor(row_factory=class_row(CandidateRow)) as cur:
+        cur.execute(
+            "SELECT id, title, body, story_id, shingle_count FROM articles"
+            " WHERE id = ANY(%s::bigint[]) AND state = 'stored' AND body IS NOT NULL ORDER BY id",
+            (list(article_ids),),
+        )
+        return cur.fetchall()
+
+
+def delete_bands(conn: psycopg.Connection, article_id: int) -> None:
+    """Remove an article's LSH band rows (before its signature is replaced)."""
+    conn.execute(
+        "DELETE FROM article_bands b USING article_signatures s"
+        " WHERE s.article_id = %s AND b.band_key = ANY(s.band_keys) AND b.article_id = s.article_id",
+        (article_id,),
+    )
+
+
+def upsert_signature(conn: psycopg.Connection, article_id: int, *, version: int,
+                     shingle_count: int, band_keys: Sequence[int], method: str) -> None:
+    """Store (or replace) the signature of an article's latest text."""
+    conn.execute(
+        "INSERT INTO article_signatures (article_id, version, shingle_count, band_keys, method)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (article_id) DO UPDATE SET"
+        " version = EXCLUDED.version, shingle_count = EXCLUDED.shingle_count,"
+        " band_keys = EXCLUDED.band_keys, method = EXCLUDED.method, signed_at = now()",
+        (article_id, version, shingle_count, list(band_keys), method),
+    )
+
+
+def insert_bands(conn: psycopg.Connection, article_id: int, band_keys: Sequence[int]) -> None:
+    """Index an article under each of its LSH band keys."""
+    conn.execute(
+        "INSERT INTO article_bands (band_key, article_id)"
+        " SELECT k, %s FROM unnest(%s::bigint[]) AS k ON CONFLICT DO NOTHING",
+        (article_id, list(band_keys)),
+    )
+
+
+def insert_version(conn: psycopg.Connection, article_id: int, version: int, *,
+                   title: str | None, body: str, content_hash: str, fingerprint: str,
+                   final_url: str | None, fetched_by: int, diff_summary: str | None,
+                   diff: dict[str, object] | None, material: bool) -> bool:
+    """Record one version of an article's text; False if that version number exists."""
+    cur = conn.execute(
+        "INSERT INTO article_versions (article_id, version, title, body, content_hash,"
+        " fingerprint, final_url, fetched_by, diff_summary, diff, material)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (article_id, version, title, body, content_hash, fingerprint, final_url, fetched_by,
+         diff_summary, Jsonb(diff) if diff is not None else None, material),
+    )
+    return cur.rowcount == 1
+
+
+def update_article_text(conn: psycopg.Connection, article_id: int, *, version: int,
+                        title: str | None, body: str, content_hash: str, fingerprint: str,
+                        shingle_count: int, final_url: str | None) -> None:
+    """Make a new version the article's current text (labels and links read this row)."""
+    conn.execute(
+        "UPDATE articles SET version = %s, title = COALESCE(%s, title), body = %s,"
+        " content_hash = %s, fingerprint = %s, shingle_count = %s,"
+        " final_url = COALESCE(%s, final_url), fetched_at = now() WHERE id = %s",
+        (version, title, body, content_hash, fingerprint, shingle_count, final_url, article_id),
+    )
+
+
+def link_update(conn: psycopg.Connection, article_id: int, earlier_id: int) -> None:
+    """Record that an article updates an earlier one, and make it the newest of that chain."""
+    conn.execute("UPDATE articles SET update_of = %s WHERE id = %s", (earlier_id, article_id))
+    # Everything that followed the earlier article (or what it already led to) now follows
+    # the new one: that is where labels and round links should be read.
+    conn.execute(
+        "WITH chain AS (SELECT COALESCE(latest_id, id) AS head FROM articles WHERE id = %(e)s)"
+        " UPDATE articles SET latest_id = %(n)s"
+        " WHERE id <> %(n)s AND (id = %(e)s OR latest_id = %(e)s"
+        "   OR id = (SELECT head FROM chain) OR latest_id = (SELECT head FROM chain))",
+        {"e": earlier_id, "n": article_id},
+    )
+
+
+def create_story(conn: psycopg.Connection, representative_id: int) -> int:
+    """Open a story with one article as its representative and only member; return its id."""
+    row = conn.execute("INSERT INTO stories (representative_id) VALUES (%s) RETURNING id",
+                       (representative_id,)).fetchone()
+    assert row is not None
+    conn.execute("UPDATE articles SET story_id = %s WHERE id = %s", (row[0], representative_id))
+    return int(row[0])
+
+
+def set_article_story(conn: psycopg.Connection, article_id: int, story_id: int) -> None:
+    """File one article under a story."""
+    conn.execute("UPDATE articles SET story_id = %s WHERE id = %s", (story_id, article_id))
+
+
+def merge_story(conn: psycopg.Connection, story_id: int, into_story_id: int) -> int:
+    """Move every member of a story into another and mark it merged; return members moved."""
+    cur = conn.execute("UPDATE articles SET story_id = %s WHERE story_id = %s",
+                       (into_story_id, story_id))
+    conn.execute("UPDATE stories SET merged_into = %s, member_count = 0, updated_at = now()"
+                 " WHERE id = %s", (into_story_id, story_id))
+    # Stories merged into this one earlier now point at the survivor too.
+    conn.execute("UPDATE stories SET merged_into = %s WHERE merged_into = %s",
+                 (into_story_id, story_id))
+    return cur.rowcount
+
+
+def count_story_members(conn: psycopg.Connection, story_id: int) -> int:
+    """How many stored articles a story holds."""
+    row = conn.execute("SELECT count(*) FROM articles WHERE story_id = %s AND state = 'stored'",
+                       (story_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def refresh_story(conn: psycopg.Connection, story_id: int) -> StoryRefresh | None:
+    """Recount a story and re-pick its representative: the most complete text, then earliest."""
+    row = conn.execute(
+        "WITH best AS ("
+        "  SELECT id, count(*) OVER () AS n FROM articles"
+        "  WHERE story_id = %(s)s AND state = 'stored'"
+        "  ORDER BY shingle_count DESC NULLS LAST, published_at NULLS LAST, id LIMIT 1),"
+        " old AS (SELECT representative_id FROM stories WHERE id = %(s)s)"
+        " UPDATE stories s SET representative_id = best.id, member_count = best.n,"
+        "   updated_at = now()"
+        " FROM best, old WHERE s.id = %(s)s"
+        " RETURNING s.id, old.representative_id, s.representative_id, s.member_count",
+        {"s": story_id},
+    ).fetchone()
+    return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def record_decision(conn: psycopg.Connection, article_id: int, *, version: int, method: str,
+                    score: float, matched_article_id: int | None, story_id: int | None,
+                    evidence: dict[str, object], rules_version: str) -> None:
+    """Record how and why one article (version) was filed."""
+    conn.execute(
+        "INSERT INTO dedup_decisions (article_id, version, method, score, matched_article_id,"
+        " story_id, evidence, rules_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (article_id, version, method, score, matched_article_id, story_id, Jsonb(evidence),
+         rules_version),
+    )
+
+
+def record_story_change(conn: psycopg.Connection, kind: str, *, story_id: int | None,
+                        article_id: int | None = None, other_story_id: int | None = None,
+                        other_article_id: int | None = None,
+                        detail: dict[str, object] | None = None) -> None:
+    """Append one change to the story graph; the ones consumers follow go to the change feed."""
+    conn.execute(
+        "INSERT INTO story_changes (kind, story_id, article_id, other_story_id,"
+        " other_article_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+        (kind, story_id, article_id, other_story_id, other_article_id, Jsonb(detail or {})),
+    )
+    if kind in {"story_merged", "member_added"} and story_id is not None:
+        # For a consumer both mean "this story absorbed more": a copy joined it
+        # (member_added) or another story was folded into it (story_merged).
+        append_change(conn, "story_merged", "story", story_id,
+                      {"kind": kind, "article_id": article_id, "merged_story_id": other_story_id})
+    elif kind in {"article_version", "article_updated"} and article_id is not None:
+        append_change(conn, "article_updated", "article", article_id,
+                      {"story_id": story_id, "kind": kind, "detail": detail or {}})
+
+
+# --- producer contracts: submissions and dead letters (issue 7) -------------------------
+
+
+@dataclass(frozen=True)
+class SubmissionClaim:
+    """The outcome of recording a producer message under its idempotency key."""
+
+    id: int
+    fresh: bool  # False: the key was seen before and only its duplicate count went up
+    payload_sha256: str  # of the first message under this key
+    article_id: int | None
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A rejected message as stored (payload only when asked for)."""
+
+    id: int
+    received_at: datetime
+    via: str
+    source_ref: str | None
+    kind: str | None
+    producer: str | None
+    reason: str
+    detail: str
+    payload_size: int
+    payload_sha256: str
+    payload_truncated: bool
+    replayed_at: datetime | None
+    replay_outcome: str | None
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    """One entry of the change feed."""
+
+    id: int
+    event: str
+    entity: str
+    entity_id: int
+    payload: dict[str, object]
+    created_at: datetime
+
+
+def claim_submission(conn: psycopg.Connection, *, producer: str, idempotency_key: str,
+                     kind: str, schema_version: int, via: str, source_ref: str | None,
+                     payload_sha256: str, hints: dict[str, str]) -> SubmissionClaim:
+    """Record a message under (producer, key); a key seen before only counts a duplicate."""
+    with conn.cursor(row_factory=class_row(SubmissionClaim)) as cur:
+        cur.execute(
+            "INSERT INTO submissions (producer, idempotency_key, kind, schema_version, via,"
+            " source_ref, payload_sha256, hints) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (producer, idempotency_key) DO UPDATE"
+            " SET duplicates = submissions.duplicates + 1, last_duplicate_at = now()"
+            " RETURNING id, duplicates = 0 AS fresh, payload_sha256, article_id",
+            (producer, idempotency_key, kind, schema_version, via, source_ref, payload_sha256,
+             Jsonb(hints)),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def link_submission(conn: psycopg.Connection, submission_id: int, article_id: int) -> None:
+    """Point a submission at the article it became."""
+    conn.execute("UPDATE submissions SET article_id = %s WHERE id = %s",
+                 (article_id, submission_id))
+
+
+def fill_article_hints(conn: psycopg.Connection, article_id: int) -> int:
+    """Fill a stored article's empty date, language and site name from its first submission."""
+    # The page wins where it says something; a producer's hint only fills a gap.
+    cur = conn.execute(
+        "UPDATE articles a SET"
+        " published_at = COALESCE(a.published_at, (s.hints->>'published_at')::timestamptz),"
+        " language = COALESCE(a.language, s.hints->>'language'),"
+        " site_name = COALESCE(a.site_name, s.hints->>'source_name')"
+        " FROM (SELECT hints FROM submissions WHERE article_id = %s AND hints <> '{}'"
+        "       ORDER BY id LIMIT 1) s"
+        " WHERE a.id = %s",
+        (article_id, article_id),
+    )
+    return cur.rowcount
+
+
+def record_dead_letter(conn: psycopg.Connection, *, via: str, source_ref: str | None,
+                       kind: str | None, producer: str | None, reason: str, detail: str,
+                       payload: bytes, payload_size: int, payload_sha256: str,
+                       payload_truncated: bool) -> int | None:
+    """Store a rejected message; None if this delivery (via, source_ref) is already stored."""
+    row = conn.execute(
+        "INSERT INTO dead_letters (via, source_ref, kind, producer, reason, detail, payload,"
+        " payload_size, payload_sha256, payload_truncated)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (via, source_ref) WHERE source_ref IS NOT NULL DO NOTHING RETURNING id",
+        (via, source_ref, kind, producer, reason, detail[:2000], payload, payload_size,
+         payload_sha256, payload_truncated),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def list_dead_letters(conn: psycopg.Connection, *, limit: int, reason: str | None = None,
+                      producer: str | None = None) -> list[DeadLetterRow]:
+    """The newest dead letters, optionally of one reason or producer, without payloads."""
+    with conn.cursor(row_factory=class_row(DeadLetterRow)) as cur:
+        cur.execute(
+            "SELECT id, received_at, via, source_ref, kind, producer, reason, detail,"
+            " payload_size, payload_sha256, payload_truncated, replayed_at, replay_outcome"
+            " FROM dead_letters"
+            " WHERE (%(reason)s::text IS NULL OR reason = %(reason)s)"
+            "   AND (%(producer)s::text IS NULL OR producer = %(producer)s)"
+            " ORDER BY id DESC LIMIT %(limit)s",
+            {"reason": reason, "producer": producer, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> DeadLetterRow | None:
+    """One dead letter with its payload, or None."""
+    with conn.cursor(row_factory=class_row(DeadLetterRow)) as cur:
+        cur.execute(
+            "SELECT id, received_at, via, source_ref, kind, producer, reason, detail,"
+            " payload_size, payload_sha256, payload_truncated, replayed_at, replay_outcome,"
+            " payload FROM dead_letters WHERE id = %s",
+            (dead_letter_id,),
+        )
+        return cur.fetchone()
+
+
+def mark_dead_letter_replayed(conn: psycopg.Connection, dead_letter_id: int, outcome: str) -> None:
+    """Record when a dead letter was replayed and what became of it."""
+    conn.execute("UPDATE dead_letters SET replayed_at = now(), replay_outcome = %s WHERE id = %s",
+                 (outcome[:500], dead_letter_id))
+
+
+# --- change feed (issue 7) --------------------------------------------------------------
+
+CHANGE_EVENTS = ("article_created", "article_updated", "story_merged", "round_link_changed",
+                 "round_created", "round_updated")
+CHANGES_CHANNEL = "talkwire_changes"
+
+
+def append_change(conn: psycopg.Connection, event: str, entity: str, entity_id: int,
+                  payload: dict[str, object]) -> int:
+    """Append a change in the caller's transaction; NOTIFY on commit. Call it last: it locks."""
+    # The table's trigger takes the id under a transaction-level advisory lock, so ids become
+    # visible in increasing order (see 0005_contracts.sql); that lock is held until commit.
+    row = conn.execute(
+        "INSERT INTO changes (event, entity, entity_id, payload) VALUES (%s, %s, %s, %s)"
+        " RETURNING id",
+        (event, entity, entity_id, Jsonb(payload)),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def listen_changes(conn: psycopg.Connection) -> None:
+    """LISTEN on the change feed's channel (the connection must be in autocommit mode)."""
+    conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANGES_CHANNEL)))
+
+
+def list_changes(conn: psycopg.Connection, *, since: int, limit: int) -> list[ChangeRow]:
+    """Changes with an id above `since`, oldest first."""
+    with conn.cursor(row_factory=class_row(ChangeRow)) as cur:
+        cur.execute(
+            "SELECT id, event, entity, entity_id, payload, created_at FROM changes"
+            " WHERE id > %s ORDER BY id LIMIT %s",
+            (since, limit),
+        )
+        return cur.fetchall()

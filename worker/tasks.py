@@ -4,19 +4,25 @@ commit. Task names are a public contract: producers send them by name.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import psycopg
 from celery import Task, current_app, shared_task
+from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed
 
 from worker import pipeline, store
 from worker.celery_app import POLL_QUEUE, PROCESS_QUEUE
+from worker.contracts import InvalidMessage, sniff_producer
 from worker.logs import log_outcome
 
+_LOG = logging.getLogger("talkwire.intake")
 _CONTEXT: pipeline.Context | None = None
 _CONTEXT_PID: int | None = None
 
@@ -183,6 +189,41 @@ def process_article(self: Task, article_id: object) -> None:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
+    enqueue_relinks(outcome.changed_rounds)
+
+
+def enqueue_relinks(round_ids: Iterable[str]) -> None:
+    """Send one relink task per changed round (call only after the change committed)."""
+    for round_id in round_ids:
+        current_app.send_task("talkwire.relink_round", args=[round_id], queue=PROCESS_QUEUE)
+
+
+@shared_task(name="talkwire.relink_round", bind=True, max_retries=None)
+def relink_round(self: Task, round_id: object) -> None:
+    """Re-link the stories around a round whose registry entry changed."""
+    if not isinstance(round_id, str) or not round_id or len(round_id) > 200:
+        log_outcome("relink", "failed", reason="malformed_message", payload=repr(round_id)[:200])
+        return
+    try:
+        pipeline.relink_round(get_context(), round_id)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+
+
+@shared_task(name="talkwire.refresh_article", bind=True, max_retries=None)
+def refresh_article(self: Task, article_id: object) -> None:
+    """Fetch a stored article again and record a new version if its text changed."""
+    aid = _message_id(article_id)
+    if aid is None:
+        log_outcome("refresh", "failed", reason="malformed_message", payload=repr(article_id)[:200])
+        return
+    ctx = get_context()
+    try:
+        outcome = pipeline.refresh_article(ctx, aid)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+    if outcome.outcome == "retry" and self.request.retries < ctx.settings.max_retries:
+        raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
 
 
 @shared_task(name="talkwire.dispatch_due_feeds")
@@ -223,3 +264,93 @@ def resend_stale_articles(ctx: pipeline.Context) -> int:
             if total:
                 log_outcome("sweep", "resent", count=total)
             return total
+
+
+# --- the public intake tasks (issue 7): producers send these by name --------------------
+
+PUBLIC_TASKS = {"talkwire.ingest_url": "ingest_url", "talkwire.ingest_document": "ingest_document"}
+
+
+def accept_task_message(task: Task, kind: str, args: tuple[object, ...],
+                        kwargs: dict[str, object]) -> pipeline.IntakeOutcome:
+    """Run one intake task's message through the validated path and enqueue after commit."""
+    ctx = get_context()
+    via, ref = "celery", task.request.id
+    if len(args) == 1 and not kwargs:
+        payload = args[0]
+    elif not args and list(kwargs) == ["message"]:
+        payload = kwargs["message"]
+    else:
+        return pipeline.reject_message(
+            ctx, {"args": list(args), "kwargs": kwargs}, InvalidMessage(
+                "bad_arguments", f"expected one message argument, got {len(args)} positional "
+                f"and {sorted(kwargs)[:5]} keyword", kind=kind), via=via, source_ref=ref)
+    try:
+        outcome = pipeline.accept_message(ctx, payload, kind=kind, via=via, source_ref=ref)
+    except psycopg.OperationalError:
+        raise  # the database is away: the caller retries; nothing was committed
+    except Exception as exc:  # noqa: BLE001 - bad input must never crash a worker (issue 7)
+        _log_internal_error(exc, via, ref)
+        return pipeline.reject_message(ctx, payload, InvalidMessage(
+            "internal_error", f"{type(exc).__name__}: {exc}"[:500], kind=kind),
+            via=via, source_ref=ref)
+    enqueue_followups(outcome)
+    return outcome
+
+
+def enqueue_followups(outcome: pipeline.IntakeOutcome) -> None:
+    """Send what a producer message leads to: process tasks, then relinks of changed rounds."""
+    enqueue_articles(outcome.enqueue)
+    enqueue_relinks(outcome.relink)
+
+
+def _log_internal_error(exc: Exception, via: str, ref: str | None) -> None:
+    _LOG.exception(
+        "intake failed on a message", extra={"via": via, "source_ref": ref})
+
+
+@shared_task(name="talkwire.ingest_url", bind=True, max_retries=None)
+def ingest_url(self: Task, *args: object, **kwargs: object) -> None:
+    """Accept an ingest_url message (schemas/messages); invalid ones become dead letters."""
+    try:
+        accept_task_message(self, "ingest_url", args, kwargs)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+
+
+@shared_task(name="talkwire.ingest_document", bind=True, max_retries=None)
+def ingest_document(self: Task, *args: object, **kwargs: object) -> None:
+    """Accept an ingest_document message: extract and store it without a fetch."""
+    try:
+        accept_task_message(self, "ingest_document", args, kwargs)
+    except psycopg.OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+
+
+class IntakeConsumer(Consumer):
+    """The worker's consumer, plus dead letters for intake messages Celery cannot decode."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """Dead-letter an intake message whose body is not JSON, then let Celery ack it."""
+        self._dead_letter_undecodable(message, "not_json", exc)
+        super().on_decode_error(message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """Dead-letter an intake message in a refused serializer (pickle, yaml, ...)."""
+        if isinstance(exc, ContentDisallowed):
+            self._dead_letter_undecodable(message, "unsupported_content_type", exc)
+        super().on_invalid_task(body, message, exc)
+
+    def _dead_letter_undecodable(self, message: Any, reason: str, exc: Exception) -> None:
+        headers = getattr(message, "headers", None) or {}
+        kind = PUBLIC_TASKS.get(str(headers.get("task"))) if isinstance(headers, dict) else None
+        if kind is None:
+            return  # not one of ours to answer for; Celery logs it as before
+        ctx = get_context()
+        detail = f"{exc}"[:300] + f" (content-type {message.content_type!r})"
+        try:
+            pipeline.reject_message(ctx, message.body, InvalidMessage(
+                reason, detail, kind=kind, producer=sniff_producer(message.body)), via="celery",
+                source_ref=headers.get("id"))
+        except Exception:  # noqa: BLE001 - the consumer loop must survive a database outage
+            _log_internal_error(exc, "celery", headers.get("id"))

@@ -16,8 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import REPO, WorkerProcess, wait_for
-from worker.demo import DEMO_ROOT, demo_feed_paths
-from worker.demo import SiteServer
+from worker.demo import DEMO_ROOT, SiteServer, demo_feed_paths
 
 
 def talkwire(*args: str, env: dict[str, str] | None = None, timeout: float = 240,
@@ -70,7 +69,8 @@ def test_run_once_ingests_the_demo_and_prints_a_summary(db: psycopg.Connection) 
                       env={"TALKWIRE_DEMO": "true", "TALKWIRE_DEMO_PORT": "0"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "talkwire run summary" in result.stdout
-    feeds = db.execute("SELECT count(*), count(*) FILTER (WHERE last_status = 200) FROM feeds").fetchone()
+    feeds = db.execute("SELECT count(*), count(*) FILTER (WHERE last_success_at IS NOT NULL"
+                       " AND last_reason IS NULL) FROM feeds").fetchone()
     assert feeds == (len(demo_feed_paths()), len(demo_feed_paths()))
     stored = db.execute("SELECT count(*) FROM articles WHERE state = 'stored'").fetchone()[0]
     assert stored == demo_page_count()

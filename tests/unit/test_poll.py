@@ -232,3 +232,12 @@ def test_jitter_only_ever_delays_and_spreads() -> None:
 def test_failure_backoff_is_capped_and_honours_retry_after(failures: int, retry_after: float | None,
                                                            expected: int) -> None:
     assert failure_backoff(failures=failures, base=60, cap=3600, retry_after=retry_after) == expected
+
+
+def test_feedburner_entries_use_the_original_link_when_the_feed_names_it() -> None:
+    feed = parse_feed(read("feedburner.xml"), base_url=BASE)
+    assert [e.url for e in feed.entries] == [
+        "http://news.example/pages/dedup/astana6-idlib-wire.html",
+        # Without origLink the proxy link stays; the fetch follows its redirect.
+        "http://feeds.levant-wire.example/~r/levantwire/topNews/~3/Pq7ZtY1mB2w/story01.htm",
+    ]

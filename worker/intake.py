@@ -1,0 +1,178 @@
+"""The Redis Stream intake: producers in any language XADD JSON; a consumer group drains it.
+
+Each entry carries one field, `message`, holding the JSON text of an ingest_url or
+ingest_document message (with its `type`). Entries go through the same validated path as the
+Celery tasks (`pipeline.accept_message`). An entry is acknowledged (XACK, then XDEL) only after
+its database transaction committed and its follow-up task was sent, so a consumer killed
+half-way leaves the entry pending, and another consumer claims it (XAUTOCLAIM) once it has
+been idle for TALKWIRE_INTAKE_CLAIM_IDLE seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+
+from worker import pipeline
+from worker.config import Settings
+from worker.contracts import InvalidMessage
+
+_LOG = logging.getLogger("talkwire.intake")
+MESSAGE_FIELD = b"message"
+
+Enqueue = Callable[[pipeline.IntakeOutcome], None]
+
+
+@dataclass
+class IntakeStats:
+    """Counts of what one intake run did, by outcome."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: str) -> None:
+        """Count one entry's outcome."""
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def resolve_stream_key(settings: Settings) -> str:
+    """The intake stream's Redis key, under the deployment's key prefix."""
+    return settings.redis_prefix + settings.intake_stream
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A redis-py client for talkwire's REDIS_URL (kombu's redis+socket:// is a unix socket)."""
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url)
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) unless they exist."""
+    try:
+        # From id 0: entries XADDed before talkwire first started are read too.
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def make_consumer_name() -> str:
+    """A consumer name unique to this process, so a restart never inherits a dead one's name."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Intake:
+    """One consumer of the intake stream's group."""
+
+    def __init__(self, ctx: pipeline.Context, client: redis.Redis, enqueue: Enqueue, *,
+                 consumer: str | None = None) -> None:
+        s = ctx.settings
+        self.ctx = ctx
+        self.client = client
+        self.enqueue = enqueue
+        self.stream = resolve_stream_key(s)
+        self.group = s.intake_group
+        self.consumer = consumer or make_consumer_name()
+        self.claim_idle_ms = int(s.intake_claim_idle * 1000)
+        self.batch = s.intake_batch
+        self._claim_cursor = "0-0"
+        self.stats = IntakeStats()
+
+    def drain_once(self, block_ms: int = 1000) -> int:
+        """Handle what is due now: claimed stale entries first, then new ones; return how many."""
+        entries = self._claim_stale()
+        if not entries:
+            reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                           count=self.batch, block=block_ms)
+            entries = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            self.handle_entry(entry_id, fields)
+        return len(entries)
+
+    def run(self, *, should_stop: Callable[[], bool], block_ms: int = 1000) -> IntakeStats:
+        """Drain the stream until should_stop() says so; back off while the database is away."""
+        delay = 1.0
+        grouped = False
+        while not should_stop():
+            try:
+                if not grouped:
+                    ensure_group(self.client, self.stream, self.group)
+                    grouped = True
+                self.drain_once(block_ms)
+                delay = 1.0
+            except redis.ResponseError as exc:
+                # A flushed Redis takes the stream and its group with it; make them again.
+                # (Redis answers NOGROUP, or UNBLOCKED to a read blocked at that moment.)
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                grouped = False
+            except (psycopg.OperationalError, redis.ConnectionError) as exc:
+                # Nothing was acknowledged: the entry stays pending and is claimed again.
+                _LOG.warning("intake backing off", extra={"error": str(exc)[:300],
+                                                          "delay": delay})
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        return self.stats
+
+    def handle_entry(self, entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> None:
+        """Validate and apply one entry, then acknowledge it; invalid ones are dead-lettered."""
+        ref = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        if not fields:
+            # Deleted while pending (XDEL by someone; XADD cannot make an empty entry): nothing
+            # left to do but acknowledge.
+            self._ack(ref)
+            return
+        try:
+            if MESSAGE_FIELD in fields:
+                outcome = pipeline.accept_message(self.ctx, fields[MESSAGE_FIELD], kind=None,
+                                                  via="stream", source_ref=ref)
+            else:
+                outcome = pipeline.reject_message(
+                    self.ctx, _fields_json(fields), InvalidMessage(
+                        "missing_field", "stream entry has no 'message' field (fields: "
+                        f"{sorted(k.decode('utf-8', 'replace') for k in fields)[:10]})"),
+                    via="stream", source_ref=ref)
+        except (psycopg.OperationalError, redis.ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the intake
+            _LOG.exception("intake failed on an entry", extra={"source_ref": ref})
+            outcome = pipeline.reject_message(
+                self.ctx, fields.get(MESSAGE_FIELD, _fields_json(fields)),
+                InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}"[:500]),
+                via="stream", source_ref=ref)
+        # After the commit above: send the follow-up tasks, then acknowledge. A crash between
+        # the two resends nothing twice: the redelivered entry is a duplicate, and the
+        # sweeper resends the pending article.
+        self.enqueue(outcome)
+        self._ack(ref)
+        self.stats.add(outcome.outcome)
+
+    def _claim_stale(self) -> list[Any]:
+        reply = self.client.xautoclaim(self.stream, self.group, self.consumer,
+                                       min_idle_time=self.claim_idle_ms,
+                                       start_id=self._claim_cursor, count=self.batch)
+        # Redis 6.2 answers [cursor, entries]; 7.0 adds the ids it found deleted.
+        cursor, entries = reply[0], reply[1]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+        return [e for e in entries if e[0] is not None]
+
+    def _ack(self, ref: str) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.group, ref)
+            # The database is the record; a handled entry has no reason to stay in Redis.
+            pipe.xdel(self.stream, ref)
+            pipe.execute()
+
+
+def _fields_json(fields: dict[bytes, bytes]) -> bytes:
+    return json.dumps({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                       for k, v in fields.items()}, ensure_ascii=False).encode()
