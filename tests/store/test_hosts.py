@@ -37,6 +37,7 @@ def test_no_more_than_the_limit_in_flight(make_limiter) -> None:  # type: ignore
     assert isinstance(third, HostWait) and third.reservation is not None
     assert isinstance(hosts.acquire("other.example"), HostPermit)  # hosts are independent
     hosts.release(first)
+    time.sleep(third.seconds)  # come back when told, holding the place
     assert isinstance(hosts.acquire("wire.example", reservation=third.reservation), HostPermit)
 
 
