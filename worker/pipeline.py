@@ -271,7 +271,8 @@ def _record_failure(ctx: Context, feed: store.FeedRow, slot: int, exc: Permanent
     delay = jittered(failure_backoff(failures=feed.consecutive_failures,
                                      base=s.poll_backoff_base, cap=s.poll_backoff_cap,
                                      retry_after=retry_after), s.poll_jitter)
-    status = _http_status(exc.reason)
+    # A body that failed to parse came with a status of its own (a 200 maintenance page).
+    status = page.status if page is not None else _http_status(exc.reason)
     with ctx.pool.connection() as conn, conn.transaction():
         store.record_poll_failure(conn, feed.id, slot=slot, reason=exc.reason, detail=str(exc),
                                   status=status, broken=broken, retry_in=delay)
