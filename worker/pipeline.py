@@ -64,8 +64,9 @@ BROKEN_FEED_REASONS = frozenset({"http_410", "blocked_address", "blocked_scheme"
 # most this long, so one answer cannot park every feed of a wire service for a day.
 HOST_PENALTY_CAP = 3600
 # A wait for a busy host up to this long is slept in the worker thread; a longer one goes back
-# to the broker as a countdown, so no pool slot idles for it.
-HOST_SLEEP_MAX = 1.0
+# to the broker as a countdown, so no pool slot idles for it (slots that sleep make the other
+# polls' countdowns fire late).
+HOST_SLEEP_MAX = 0.25
 FEED_ACCEPT = ("application/rss+xml, application/atom+xml, application/feed+json, "
                "application/xml;q=0.9, text/xml;q=0.9, */*;q=0.5")
 

@@ -47,8 +47,11 @@ if reserved > 0 and reserved >= blocked then
     return {0, reserved - now, reserved}            -- early: keep the place
   end
   if not busy then
-    local gap = last + spacing - now
-    if gap > tol then return {0, gap, reserved} end -- a late neighbour just went
+    -- Places are one spacing apart already. A neighbour that came late may have just gone:
+    -- keep at least half a spacing from it, but do not inherit all of its lateness, or every
+    -- later place in the queue would slip by it too.
+    local gap = last + math.floor(spacing / 2) - now
+    if gap > tol then return {0, gap, reserved} end
     return grant()
   end
 elseif reserved == 0 and not busy and nxt <= now + tol and last + spacing <= now + tol then
