@@ -171,28 +171,41 @@ def poll_feed(ctx: Context, feed_id: int, *, slot: int | None = None,
             claimed = store.claim_feed(conn, feed_id, lease_seconds=s.lease_seconds,
                                        take_over=take_over)
             slot = claimed.poll_slot if claimed is not None else None
-        feed = None if slot is None else store.begin_feed_poll(
-            conn, feed_id, slot=slot, lease_seconds=s.lease_seconds)
-    if feed is None or slot is None:
+        feed = None if slot is None else store.get_feed(conn, feed_id)
+    if (feed is None or slot is None or feed.poll_slot != slot or feed.claimed_at is None
+            or feed.poll_started_at is not None):
         # Another message already polls this slot, or a newer claim replaced it.
         log_outcome("poll", "stale", feed_id=feed_id, slot=slot, started=started)
         return PollOutcome(feed_id, "stale")
 
+    # The host first, with nothing written: a poll that must wait costs no database write
+    # unless its wait outlasts the claim's lease.
     permit: HostPermit | None = None
     if feed.host and ctx.hosts is not None:
         answer = _take_host(ctx, feed.host, reservation, max_sleep)
         if isinstance(answer, HostWait):
             keep = answer.reservation is not None
-            # Keeping the claim, the lease must outlast the countdown; giving it up, the feed
-            # is simply due again when the host's queue has drained.
-            delay = answer.seconds + (s.lease_seconds if keep else 0)
-            with ctx.pool.connection() as conn:
-                store.defer_feed_poll(conn, feed_id, slot=slot, delay=delay, keep_claim=keep)
+            lease_left = (feed.next_poll_at - datetime.now(timezone.utc)).total_seconds()
+            if not keep or answer.seconds + 5 > lease_left:
+                # Keeping the claim, the lease must outlast the countdown; giving it up, the
+                # feed is simply due again when the host's queue has drained.
+                delay = answer.seconds + (s.lease_seconds if keep else 0)
+                with ctx.pool.connection() as conn:
+                    store.defer_feed_poll(conn, feed_id, slot=slot, delay=delay, keep_claim=keep)
             log_outcome("poll", "deferred", feed_id=feed_id, host=feed.host,
                         wait=round(answer.seconds, 3), queued=keep, started=started)
             return PollOutcome(feed_id, "deferred", slot=slot if keep else None,
                                retry_in=answer.seconds, reservation=answer.reservation)
         permit = answer
+    with ctx.pool.connection() as conn:
+        begun = store.begin_feed_poll(conn, feed_id, slot=slot, lease_seconds=s.lease_seconds)
+    if begun is None:
+        # A duplicate delivery of this slot got here first.
+        if permit is not None and ctx.hosts is not None:
+            ctx.hosts.release(permit)
+        log_outcome("poll", "stale", feed_id=feed_id, slot=slot, started=started)
+        return PollOutcome(feed_id, "stale")
+    feed = begun
 
     fetch_started = time.monotonic()
     now = datetime.now(timezone.utc)
