@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from worker import pipeline, store
 from worker.config import Settings, load_settings
 from worker.demo import SiteServer, serve_site
 from worker.pipeline import prepare_database
@@ -142,17 +143,37 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def send_html(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+    """Answer 200 with an HTML body."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html; charset=utf-8")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.fixture()
+def ctx(db: psycopg.Connection, settings: Settings) -> Iterator[pipeline.Context]:
+    """A pipeline context (pool, HTTP client, knowledge) on the emptied database."""
+    context = pipeline.open_context(settings)
+    yield context
+    context.close()
+
+
+def process_url(ctx: pipeline.Context, db: psycopg.Connection,
+                url: str) -> pipeline.ProcessOutcome:
+    """Add a URL and run the worker's process step on it in this process."""
+    article_id, _ = store.add_article_url(db, url, origin="cli")
+    return pipeline.process_article(ctx, article_id, final_attempt=True)
+
+
 def slow_route(seconds: float, page: str) -> Callable[[BaseHTTPRequestHandler, str], None]:
     """A route that waits, then serves a fixture page (for killing workers mid-task)."""
     body = (FIXTURES / "site" / "pages" / page).read_bytes()
 
     def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
         time.sleep(seconds)
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/html; charset=utf-8")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        send_html(handler, body)
 
     return handle
 
@@ -183,11 +204,7 @@ def own_words_seed_route(handler: BaseHTTPRequestHandler, base: str) -> None:
             f'<meta property="article:published_time" content="{meta["published"]}T10:00:00+00:00">'
             f"</head><body><nav><a href='/'>Home</a></nav><article><h1>{html.escape(headline)}</h1>"
             f"{paragraphs}</article><footer>fixture</footer></body></html>").encode()
-    handler.send_response(200)
-    handler.send_header("Content-Type", "text/html; charset=utf-8")
-    handler.send_header("Content-Length", str(len(page)))
-    handler.end_headers()
-    handler.wfile.write(page)
+    send_html(handler, page)
 
 
 @pytest.fixture(scope="session")

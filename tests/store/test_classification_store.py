@@ -5,29 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 
-from tests.conftest import REPO
-from worker import pipeline, store
+from tests.conftest import REPO, process_url
+from worker import pipeline
 from worker.classify import RULES_VERSION
-from worker.config import Settings
 from worker.demo import SiteServer
 
 
-@pytest.fixture()
-def ctx(db: psycopg.Connection, settings: Settings) -> Iterator[pipeline.Context]:
-    context = pipeline.open_context(settings)
-    yield context
-    context.close()
-
-
 def ingest(ctx: pipeline.Context, db: psycopg.Connection, url: str) -> int:
-    article_id, _ = store.add_article_url(db, url, origin="cli")
-    assert pipeline.process_article(ctx, article_id, final_attempt=True).outcome == "stored"
-    return article_id
+    outcome = process_url(ctx, db, url)
+    assert outcome.outcome == "stored", outcome
+    return outcome.article_id
 
 
 def test_label_and_facts_are_stored_with_evidence_and_rules_version(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
@@ -11,13 +9,6 @@ from psycopg.conninfo import make_conninfo
 from worker import pipeline, store
 from worker.config import Settings
 from worker.demo import SiteServer
-
-
-@pytest.fixture()
-def ctx(db: psycopg.Connection, settings: Settings) -> Iterator[pipeline.Context]:
-    context = pipeline.open_context(settings)
-    yield context
-    context.close()
 
 
 def test_a_reader_sees_a_talks_story_with_its_labels_facts_rounds_and_timeline(

@@ -15,10 +15,9 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, process_url, send_html
 from tests.unit.test_dedup import google_article_id
-from worker import pipeline, store
-from worker.config import Settings
+from worker import pipeline
 from worker.demo import SiteServer, serve_site
 
 PAGES = FIXTURES / "site" / "pages" / "dedup"
@@ -37,12 +36,7 @@ def serve_dynamic(path: str) -> Callable[[BaseHTTPRequestHandler, str], None]:
             paragraphs = re.findall(r"<p>.*?</p>", html)
             for dropped in set(paragraphs) - set(paragraphs[keep]):
                 html = html.replace(dropped, "")
-        body = html.encode()
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/html; charset=utf-8")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        send_html(handler, html.encode())
 
     return handle
 
@@ -53,18 +47,6 @@ def dyn_site() -> Iterator[SiteServer]:
     server = serve_site(FIXTURES / "site", routes=routes)
     yield server
     server.close()
-
-
-@pytest.fixture()
-def ctx(settings: Settings) -> Iterator[pipeline.Context]:
-    context = pipeline.open_context(settings)
-    yield context
-    context.close()
-
-
-def ingest(ctx: pipeline.Context, db: psycopg.Connection, url: str) -> pipeline.ProcessOutcome:
-    article_id, _ = store.add_article_url(db, url, origin="cli")
-    return pipeline.process_article(ctx, article_id, final_attempt=True)
 
 
 def members(db: psycopg.Connection, story_id: int) -> list[tuple[str, str, bool]]:
@@ -78,9 +60,9 @@ def changes(db: psycopg.Connection) -> list[str]:
 
 def test_a_wire_story_from_three_outlets_is_one_story_with_three_members(
         db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
-    wire = ingest(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-wire.html"))
-    courier = ingest(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-courier.html"))
-    post = ingest(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-post.html?utm_source=rss"))
+    wire = process_url(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-wire.html"))
+    courier = process_url(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-courier.html"))
+    post = process_url(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-post.html?utm_source=rss"))
     assert [o.outcome for o in (wire, courier, post)] == ["stored"] * 3
     assert wire.filed and courier.filed and post.filed
     assert wire.filed.method == "unique"
@@ -107,8 +89,8 @@ def test_a_wire_story_from_three_outlets_is_one_story_with_three_members(
 
 def test_two_articles_about_the_same_round_are_not_merged(
         db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
-    wire = ingest(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-wire.html"))
-    other = ingest(ctx, db, dyn_site.url("pages/dedup/astana6-detainees.html"))
+    wire = process_url(ctx, db, dyn_site.url("pages/dedup/astana6-idlib-wire.html"))
+    other = process_url(ctx, db, dyn_site.url("pages/dedup/astana6-detainees.html"))
     assert wire.filed and other.filed
     # Same round, same day, two background paragraphs in common: still two stories.
     assert other.filed.method == "unique"
@@ -118,8 +100,8 @@ def test_two_articles_about_the_same_round_are_not_merged(
 
 def test_an_update_2_at_a_new_url_is_linked_as_an_update(
         db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
-    first = ingest(ctx, db, dyn_site.url("pages/dedup/geneve8-ouverture.html"))
-    update = ingest(ctx, db, dyn_site.url("pages/dedup/geneve8-ouverture-maj2.html"))
+    first = process_url(ctx, db, dyn_site.url("pages/dedup/geneve8-ouverture.html"))
+    update = process_url(ctx, db, dyn_site.url("pages/dedup/geneve8-ouverture-maj2.html"))
     assert first.filed and update.filed
     assert (update.filed.method, update.filed.matched_article_id) == ("update", first.article_id)
     assert update.filed.story_id == first.filed.story_id
@@ -146,7 +128,7 @@ def test_utm_and_google_news_variants_are_one_article(
         # Not a tracker, so only the page's own rel=canonical can tell: fetched, then folded.
         page + "?edition=ar",
     ]
-    outcomes = [ingest(ctx, db, url) for url in variants]
+    outcomes = [process_url(ctx, db, url) for url in variants]
     assert [o.outcome for o in outcomes] == ["stored"] + ["duplicate"] * 4
     owner = outcomes[0].article_id
     assert [o.filed.method for o in outcomes if o.filed] == ["unique", "alias", "alias", "alias", "url"]
@@ -163,7 +145,7 @@ def test_utm_and_google_news_variants_are_one_article(
 def test_the_same_url_refetched_with_changed_text_is_a_new_version(
         db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
     DYNAMIC["dyn/1.html"] = ("genf8-live-v1.html", None)
-    first = ingest(ctx, db, dyn_site.url("dyn/1.html"))
+    first = process_url(ctx, db, dyn_site.url("dyn/1.html"))
     assert first.outcome == "stored"
     assert pipeline.refresh_article(ctx, first.article_id).outcome == "unchanged"
 
@@ -183,7 +165,7 @@ def test_the_same_url_refetched_with_changed_text_is_a_new_version(
     assert changes(db) == ["story_created", "article_version"]
 
     # Reached again through a URL variant the page folds into its canonical: no third version.
-    again = ingest(ctx, db, dyn_site.url("dyn/1.html?edition=print"))
+    again = process_url(ctx, db, dyn_site.url("dyn/1.html?edition=print"))
     assert again.outcome == "duplicate" and again.filed and again.filed.version == 2
 
 
@@ -193,10 +175,10 @@ def test_a_bridging_article_merges_stories_and_a_rewrite_splits_one_out(
     DYNAMIC["dyn/2.html"] = ("astana6-idlib-wire.html", slice(0, 4))
     DYNAMIC["dyn/3.html"] = ("astana6-idlib-wire.html", slice(4, 8))
     DYNAMIC["dyn/4.html"] = ("astana6-idlib-wire.html", None)
-    head = ingest(ctx, db, dyn_site.url("dyn/2.html"))
-    tail = ingest(ctx, db, dyn_site.url("dyn/3.html"))
+    head = process_url(ctx, db, dyn_site.url("dyn/2.html"))
+    tail = process_url(ctx, db, dyn_site.url("dyn/3.html"))
     assert head.filed and tail.filed and head.filed.story_id != tail.filed.story_id
-    full = ingest(ctx, db, dyn_site.url("dyn/4.html"))
+    full = process_url(ctx, db, dyn_site.url("dyn/4.html"))
     assert full.filed and full.filed.method == "update"
     assert full.filed.story_id == head.filed.story_id  # the older story survives
     merged = db.execute("SELECT merged_into, member_count FROM stories WHERE id = %s",

@@ -6,33 +6,23 @@ pipeline functions a worker runs); the registry learns, and stories are relinked
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import SHARED, process_url
 from worker import pipeline, store
-from worker.config import Settings
 from worker.demo import SiteServer
 
 
-@pytest.fixture()
-def ctx(db: psycopg.Connection, settings: Settings) -> Iterator[pipeline.Context]:
-    context = pipeline.open_context(settings)
-    yield context
-    context.close()
-
-
 def ingest(ctx: pipeline.Context, db: psycopg.Connection, url: str) -> int:
-    article_id, _ = store.add_article_url(db, url, origin="cli")
-    outcome = pipeline.process_article(ctx, article_id, final_attempt=True)
+    outcome = process_url(ctx, db, url)
     assert outcome.outcome == "stored", outcome
     for round_id in outcome.changed_rounds:
         pipeline.relink_round(ctx, round_id)
-    return article_id
+    return outcome.article_id
 
 
 def links(db: psycopg.Connection, article_id: int) -> set[tuple[str, str]]:
