@@ -40,8 +40,15 @@ from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
 from worker.logs import log_outcome
 from worker.politeness import HostLimiter, HostPermit, HostWait, redis_client
-from worker.poll import (cache_lifetime, entry_window, failure_backoff, feed_hint_seconds,
-                         jittered, next_poll_interval, parse_feed)
+from worker.poll import (
+    cache_lifetime,
+    entry_window,
+    failure_backoff,
+    feed_hint_seconds,
+    jittered,
+    next_poll_interval,
+    parse_feed,
+)
 from worker.rounds import (
     LINKER_VERSION,
     Round,

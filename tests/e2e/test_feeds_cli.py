@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from celery import Celery
 
 from tests.conftest import FIXTURES, REPO
 from tests.e2e.test_cli import talkwire

@@ -10,8 +10,16 @@ import feedparser
 import pytest
 
 from worker.errors import Permanent
-from worker.poll import (cache_lifetime, entry_key, entry_window, failure_backoff,
-                         feed_hint_seconds, jittered, next_poll_interval, parse_feed)
+from worker.poll import (
+    cache_lifetime,
+    entry_key,
+    entry_window,
+    failure_backoff,
+    feed_hint_seconds,
+    jittered,
+    next_poll_interval,
+    parse_feed,
+)
 from worker.types import FeedEntry
 
 SITE = Path(__file__).resolve().parents[1] / "fixtures" / "site"
