@@ -143,3 +143,28 @@ def test_the_seed_story_from_shared_links_as_the_reference_case(
     got = {(link.relation, link.round_id): link.evidence.text for link in linking.links}
     assert {("about", "astana_4"), ("refers_to", "astana_3"), ("announces", "geneva6")} <= got.keys()
     assert all(got[key] for key in got)
+
+
+def test_rounds_list_and_show_print_the_registry_and_a_timeline(
+        ctx: pipeline.Context, db: psycopg.Connection, site: SiteServer) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    ingest(ctx, db, site.url("pages/seed-story-own-words.html"))
+    ingest(ctx, db, site.url("pages/astana4-memorandum.html"))
+    env = {**os.environ, "COLUMNS": "250"}
+    listed = subprocess.run([sys.executable, "-m", "worker.cli", "rounds", "list", "--track",
+                             "astana"], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "│ astana_4 " in line)
+    assert "2017-05-03 – 2017-05-04" in row and "│ 2 " in row  # two stories about it
+    shown = subprocess.run([sys.executable, "-m", "worker.cli", "rounds", "show", "astana_4"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "previous: astana_3   next: astana_5" in shown.stdout
+    assert "2 stories" in shown.stdout
+    assert "Guarantor states sign de-escalation memorandum" in shown.stdout
