@@ -126,11 +126,16 @@ def migrate() -> None:
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("--concurrency", type=int, default=None, help="Default: TALKWIRE_WORKER_CONCURRENCY.")
 @click.option("--name", default=None, help="Celery node name (default: talkwire-<queues>@host).")
-def worker(queues: str, pool: str, concurrency: int | None, name: str | None) -> None:
+@click.option("--metrics-port", type=int, default=None,
+              help="Prometheus /metrics port (default: TALKWIRE_METRICS_PORT; 0: off).")
+def worker(queues: str, pool: str, concurrency: int | None, name: str | None,
+           metrics_port: int | None) -> None:
     """Run a Celery worker on the given queues."""
     from worker.celery_app import create_app
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "worker",
+                  rt.settings.metrics_port if metrics_port is None else metrics_port)
     app = create_app(rt.settings)
     argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", "INFO",
             "-c", str(concurrency or rt.settings.worker_concurrency),
@@ -139,12 +144,28 @@ def worker(queues: str, pool: str, concurrency: int | None, name: str | None) ->
     app.worker_main(argv)
 
 
+def start_metrics(settings: Settings, name: str, port: int) -> None:
+    """Serve Prometheus metrics for this process tree (prefork children included) unless port is 0."""
+    if not port:
+        return
+    from worker import metrics
+
+    # Before anything imports prometheus_client and before Celery forks its pool.
+    metrics.prepare_multiprocess(settings.data_dir, name)
+    metrics.serve_metrics(port, database_url=settings.database_url,
+                          redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
+
+
 @main.command()
-def beat() -> None:
+@click.option("--metrics-port", type=int, default=None,
+              help="Prometheus /metrics port (default: TALKWIRE_BEAT_METRICS_PORT; 0: off).")
+def beat(metrics_port: int | None) -> None:
     """Run Celery beat: claims due feeds and sweeps stale work on a schedule."""
     from worker.celery_app import create_app
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "beat",
+                  rt.settings.beat_metrics_port if metrics_port is None else metrics_port)
     app = create_app(rt.settings)
     rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
     app.start(["beat", "--loglevel", "INFO"])
@@ -247,7 +268,9 @@ def run(once: bool, timeout: float) -> None:
     create_app(s)
     started = datetime.now(timezone.utc)
     children = [
-        _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8"]),
+        # Its own metrics port beside the process worker's (TALKWIRE_METRICS_PORT) and beat's.
+        _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8",
+                   "--metrics-port", str(s.metrics_port + 2 if s.metrics_port else 0)]),
         _spawn(s, ["worker", "--queues", "process,intake", "--pool", "prefork"]),
         _spawn(s, ["intake"]),
     ]
