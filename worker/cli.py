@@ -729,5 +729,82 @@ def changes(since: int, follow: bool, limit: int) -> None:
             return
 
 
+
+def read_queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting per Celery queue, unacked deliveries, and the intake stream's length."""
+    from worker.intake import connect_redis, resolve_stream_key
+    from worker.metrics import QUEUES
+
+    client = connect_redis(settings.redis_url or "")
+    try:
+        depths = {queue: int(client.llen(settings.redis_prefix + queue)) for queue in QUEUES}
+        # kombu's redis transport parks delivered-but-unacked messages in this hash.
+        depths["unacked (in flight)"] = int(client.hlen(settings.redis_prefix + "unacked"))
+        depths["intake stream"] = int(client.xlen(resolve_stream_key(settings)))
+    finally:
+        client.close()
+    return depths
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "never"
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
+    if seconds < 0:
+        return f"in {-seconds:.0f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+@main.command()
+@click.option("--hours", default=24.0, show_default=True,
+              help="Window for recent failures.")
+def status(hours: float) -> None:
+    """Print queues, feed health, last ingest, recent failures by reason and label counts."""
+    from datetime import timedelta
+
+    rt = resolve(_settings())
+    s = rt.settings
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("waiting", justify="right")
+    for queue, depth in read_queue_depths(s).items():
+        queues.add_row(queue, str(depth))
+    with _connect(s) as conn:
+        health = store.summarize_feed_health(conn)
+        ingest = store.read_ingest_times(conn)
+        failures = store.count_recent_failures(
+            conn, datetime.now(timezone.utc) - timedelta(hours=hours))
+        labels = store.count_labels(conn)
+    feeds = Table(title="feed health")
+    for column in ("status", "feeds", "failing", "last polled", "last success", "next due"):
+        feeds.add_column(column, justify="right" if column in {"feeds", "failing"} else "left")
+    for row in health:
+        feeds.add_row(row.status, str(row.feeds), str(row.failing), _ago(row.last_polled_at),
+                      _ago(row.last_success_at), _ago(row.next_poll_at))
+    ingested = Table(title="ingest")
+    ingested.add_column("measure")
+    ingested.add_column("value", justify="right")
+    ingested.add_row("last article stored", _ago(ingest.last_stored_at))
+    ingested.add_row("stored in the last hour", str(ingest.stored_last_hour))
+    ingested.add_row("stored in the last day", str(ingest.stored_last_day))
+    ingested.add_row("pending", str(ingest.pending))
+    failed = Table(title=f"failures in the last {hours:g} h, by reason")
+    for column in ("kind", "reason", "count", "last"):
+        failed.add_column(column, justify="right" if column == "count" else "left")
+    for f in failures:
+        failed.add_row(f.kind, f.reason, str(f.count), _ago(f.last_at))
+    labelled = Table(title="labels")
+    for column in ("label", "articles", "last 24 h"):
+        labelled.add_column(column, justify="left" if column == "label" else "right")
+    for label, total, recent in labels:
+        labelled.add_row(label, str(total), str(recent))
+    for table in (queues, feeds, ingested, failed, labelled):
+        console.print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The metrics endpoint of a real worker: counters move while it ingests a feed."""
+"""The metrics endpoint of a real worker, and `talkwire status`, while it ingests feeds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import WorkerProcess, wait_for
+from tests.e2e.test_cli import talkwire
 from worker import store
 from worker.celery_app import create_app
 from worker.config import Settings
@@ -72,3 +73,16 @@ def test_a_worker_serves_metrics_that_move_with_the_work(
     assert sample(after, "talkwire_queue_depth", queue="process") == 0
     assert sample(after, "talkwire_articles", state="failed") == 1
     assert sample(after, "talkwire_last_stored_timestamp_seconds") > 0
+
+    # The operator's view of the same state.
+    shown = talkwire("status")
+    assert shown.returncode == 0, shown.stderr
+    lines = [" ".join(line.replace("│", " ").split()) for line in shown.stdout.splitlines()]
+    assert "process 0" in lines and "poll 0" in lines
+    assert "active 2 0" in " ".join(lines)  # two active feeds, none failing
+    assert "stored in the last hour 3" in lines
+    assert any(line.startswith("article blocked_address 1 ") for line in lines)
+    labelled = sum(int(line.split()[1]) for line in lines
+                   if line.split()[:1] and line.split()[0] in {"talks", "related", "syria_other",
+                                                               "other"})
+    assert labelled == 3
