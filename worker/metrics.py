@@ -97,7 +97,7 @@ def prepare_multiprocess(data_dir: Path, name: str) -> Path:
 
 
 def serve_metrics(port: int, *, database_url: str | None, redis_url: str | None,
-                  redis_prefix: str, addr: str = "0.0.0.0") -> bool:  # noqa: S104 - scraped
+                  redis_prefix: str, addr: str = "0.0.0.0") -> bool:
     """Serve /metrics on port in a daemon thread; False (and a warning) if it cannot bind."""
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 

@@ -37,8 +37,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -50,7 +50,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from worker.demo import serve_site  # noqa: E402
+from worker.demo import serve_site
 
 PAGES_DIR = ROOT.parent / "shared" / "eval-data" / "article_extraction_benchmark" / "html"
 FALLBACK_DIRS = (ROOT / "tests" / "fixtures" / "site" / "pages", ROOT / "seeds" / "demo" / "pages")
@@ -138,7 +138,7 @@ class Site:
             items = "".join(
                 f"<item><title>Bench article {html.escape(p)}</title>"
                 f"<link>{base}/{p}</link><guid>{base}/{p}</guid>"
-                f"<pubDate>{format_datetime(datetime.fromtimestamp(t, timezone.utc))}</pubDate>"
+                f"<pubDate>{format_datetime(datetime.fromtimestamp(t, UTC))}</pubDate>"
                 "</item>" for t, p in reversed(shown))
             body = (f'<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel>'
                     f"<title>bench {path}</title><link>{base}/</link>"
@@ -414,6 +414,7 @@ def main() -> None:
                   "(target p95 <= 1 s)")
             print(f"  poll that found it -> row committed: p50 {statistics.median(seen):.2f} s, "
                   f"p95 {percentile(seen, 0.95):.2f} s")
+            print_breakdown(settings, base, routes, site, min(articles, len(pages)))
     finally:
         stop(procs)
         server.close()
@@ -430,6 +431,53 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept: database {db_name}, logs under {logs}")
+
+
+def print_breakdown(settings: object, base: str, routes: dict[str, Callable[..., None]],
+                    site: Site, count: int) -> None:
+    """Where one article's time goes, in this process: each stage alone, then the whole task."""
+    from worker import dedup, pipeline, store
+    from worker.extract import extract_article
+    from worker.fetch import fetch_url
+
+    for i in range(count):
+        routes[f"b/{i}.html"] = routes[f"w/{i}.html"] = site.page_route(i)
+    ctx = pipeline.open_context(settings)  # type: ignore[arg-type]
+    parts = {"fetch (HTTP on 127.0.0.1)": 0.0, "extract (trafilatura)": 0.0,
+             "dedup signature": 0.0, "classify": 0.0}
+    whole = 0.0
+    try:
+        for i in range(count):
+            url = f"{base}/b/{i}.html"
+            t = time.perf_counter()
+            page = fetch_url(url, ctx.limits, client=ctx.http)
+            parts["fetch (HTTP on 127.0.0.1)"] += time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                article = extract_article(page)
+            except Exception:  # noqa: BLE001 - a page without text still cost its extraction
+                parts["extract (trafilatura)"] += time.perf_counter() - t
+                continue
+            parts["extract (trafilatura)"] += time.perf_counter() - t
+            t = time.perf_counter()
+            dedup.sign_text(article.text, article.title)
+            parts["dedup signature"] += time.perf_counter() - t
+            t = time.perf_counter()
+            pipeline.classify_text(ctx, title=article.title, text=article.text,
+                                   language=article.language, published=article.published)
+            parts["classify"] += time.perf_counter() - t
+            with ctx.pool.connection() as conn:
+                article_id, _ = store.add_article_url(conn, f"{base}/w/{i}.html", origin="cli")
+            t = time.perf_counter()
+            pipeline.process_article(ctx, article_id)
+            whole += time.perf_counter() - t
+    finally:
+        ctx.close()
+    rest = whole - sum(parts.values())
+    print(f"one article in one process, mean over {count} pages (in-process, no Celery):")
+    for name, total in [*parts.items(), ("database transaction and the rest", rest)]:
+        print(f"  {name:34} {1000 * total / count:6.1f} ms  {total / whole:6.1%}")
+    print(f"  {'whole process_article':34} {1000 * whole / count:6.1f} ms")
 
 
 def print_rss(sampler: RssSampler, articles: int) -> None:
