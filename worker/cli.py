@@ -554,7 +554,9 @@ def eval_dedup(corpus: Path) -> None:
 @main.command()
 @click.option("--once", is_flag=True, help="Drain what is on the stream now, then exit.")
 @click.option("--consumer", default=None, help="Consumer name in the group (default: host-pid).")
-def intake(once: bool, consumer: str | None) -> None:
+@click.option("--metrics-port", type=int, default=0, show_default=True,
+              help="Prometheus /metrics port for this consumer's outcomes (0: off).")
+def intake(once: bool, consumer: str | None, metrics_port: int) -> None:
     """Drain the Redis Stream intake (TALKWIRE_INTAKE_STREAM) into the validated path."""
     from worker import tasks
     from worker.celery_app import create_app
@@ -562,6 +564,7 @@ def intake(once: bool, consumer: str | None) -> None:
     from worker.pipeline import open_context
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "intake", metrics_port)
     with _connect(rt.settings) as conn:
         store.apply_migrations(conn)
     create_app(rt.settings)  # the current app: follow-up tasks are sent through it
