@@ -229,7 +229,7 @@ class RssSampler:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        """Sample twice a second until stopped."""
+        """Sample once a second until stopped."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             while not self.stopping.is_set():
                 done = count_done(conn, self.prefix)
@@ -247,7 +247,7 @@ class RssSampler:
                     self.roles[proc.pid] = role
                     self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss[proc.pid])
                 self.samples.append((done, rss))
-                self.stopping.wait(0.5)
+                self.stopping.wait(1.0)
 
     def children_at(self, done: int) -> dict[int, int]:
         """Children's RSS at the first sample with at least `done` finished (else the last)."""
@@ -369,7 +369,7 @@ def main() -> None:
                 if time.monotonic() - last_report > 30:
                     print(f"  … {done}/{articles} articles", flush=True)
                     last_report = time.monotonic()
-                time.sleep(0.2)
+                time.sleep(1.0)  # the end time comes from stored_at, not from here
             row = conn.execute(
                 "SELECT extract(epoch FROM max(COALESCE(stored_at, fetched_at, now()))),"
                 " count(*) FILTER (WHERE state = 'stored'), count(*) FILTER (WHERE state = 'failed')"
