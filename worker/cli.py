@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,7 @@ def run(once: bool, timeout: float) -> None:
     with _connect(s) as conn:
         _prepare(conn)
     create_app(s)
-    started = datetime.now(UTC)
+    started = datetime.now(timezone.utc)
     children = [
         # Its own metrics port beside the process worker's (TALKWIRE_METRICS_PORT) and beat's.
         _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8",
@@ -412,7 +412,7 @@ def reprocess(since: datetime | None) -> None:
     with _connect(rt.settings) as conn:
         _prepare(conn)
     ctx = open_context(rt.settings)
-    since_utc = since.replace(tzinfo=UTC) if since else None
+    since_utc = since.replace(tzinfo=timezone.utc) if since else None
     changes: dict[tuple[str | None, str], int] = {}
     seen = 0
     try:
@@ -752,7 +752,7 @@ def read_queue_depths(settings: Settings) -> dict[str, int]:
 def _ago(when: datetime | None) -> str:
     if when is None:
         return "never"
-    seconds = (datetime.now(UTC) - when).total_seconds()
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
     if seconds < 0:
         return f"in {-seconds:.0f} s"
     if seconds < 120:
@@ -780,7 +780,7 @@ def status(hours: float) -> None:
         health = store.summarize_feed_health(conn)
         ingest = store.read_ingest_times(conn)
         failures = store.count_recent_failures(
-            conn, datetime.now(UTC) - timedelta(hours=hours))
+            conn, datetime.now(timezone.utc) - timedelta(hours=hours))
         labels = store.count_labels(conn)
     feeds = Table(title="feed health")
     for column in ("status", "feeds", "failing", "last polled", "last success", "next due"):
