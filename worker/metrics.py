@@ -132,7 +132,7 @@ class StateCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
-        """Yield the state gauges; a store that does not answer yields talkwire_up 0."""
+        """Yield the state gauges; a store that does not answer shows as talkwire_state_up 0."""
         from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily("talkwire_state_up", "Whether the state scrape reached Postgres "
