@@ -48,6 +48,9 @@ TEST_ENV = {
     "TALKWIRE_POLL_INTERVAL_DEFAULT": "300",
     "TALKWIRE_POLL_BACKOFF_BASE": "1",
     "TALKWIRE_DEMO": "false",
+    # Off unless a test asks: parallel runs on one machine would contend for the ports.
+    "TALKWIRE_METRICS_PORT": "0",
+    "TALKWIRE_BEAT_METRICS_PORT": "0",
 }
 
 

@@ -128,12 +128,16 @@ def migrate() -> None:
 @click.option("--name", default=None, help="Celery node name (default: talkwire-<queues>@host).")
 @click.option("--loglevel", default="INFO", show_default=True,
               help="Celery's own log level; WARNING drops its two lines per task at high rates.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Prometheus /metrics port (default: TALKWIRE_METRICS_PORT; 0: off).")
 def worker(queues: str, pool: str, concurrency: int | None, name: str | None,
-           loglevel: str) -> None:
+           loglevel: str, metrics_port: int | None) -> None:
     """Run a Celery worker on the given queues."""
     from worker.celery_app import create_app
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "worker",
+                  rt.settings.metrics_port if metrics_port is None else metrics_port)
     app = create_app(rt.settings)
     argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", loglevel,
             "-c", str(concurrency or rt.settings.worker_concurrency),
@@ -142,12 +146,28 @@ def worker(queues: str, pool: str, concurrency: int | None, name: str | None,
     app.worker_main(argv)
 
 
+def start_metrics(settings: Settings, name: str, port: int) -> None:
+    """Serve Prometheus metrics for this process tree (prefork children included) unless port is 0."""
+    if not port:
+        return
+    from worker import metrics
+
+    # Before anything imports prometheus_client and before Celery forks its pool.
+    metrics.prepare_multiprocess(settings.data_dir, name)
+    metrics.serve_metrics(port, database_url=settings.database_url,
+                          redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
+
+
 @main.command()
-def beat() -> None:
+@click.option("--metrics-port", type=int, default=None,
+              help="Prometheus /metrics port (default: TALKWIRE_BEAT_METRICS_PORT; 0: off).")
+def beat(metrics_port: int | None) -> None:
     """Run Celery beat: claims due feeds and sweeps stale work on a schedule."""
     from worker.celery_app import create_app
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "beat",
+                  rt.settings.beat_metrics_port if metrics_port is None else metrics_port)
     app = create_app(rt.settings)
     rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
     app.start(["beat", "--loglevel", "INFO"])
@@ -250,7 +270,9 @@ def run(once: bool, timeout: float) -> None:
     create_app(s)
     started = datetime.now(timezone.utc)
     children = [
-        _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8"]),
+        # Its own metrics port beside the process worker's (TALKWIRE_METRICS_PORT) and beat's.
+        _spawn(s, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "8",
+                   "--metrics-port", str(s.metrics_port + 2 if s.metrics_port else 0)]),
         _spawn(s, ["worker", "--queues", "process,intake", "--pool", "prefork"]),
         _spawn(s, ["intake"]),
     ]
@@ -678,7 +700,9 @@ def eval_dedup(corpus: Path) -> None:
 @main.command()
 @click.option("--once", is_flag=True, help="Drain what is on the stream now, then exit.")
 @click.option("--consumer", default=None, help="Consumer name in the group (default: host-pid).")
-def intake(once: bool, consumer: str | None) -> None:
+@click.option("--metrics-port", type=int, default=0, show_default=True,
+              help="Prometheus /metrics port for this consumer's outcomes (0: off).")
+def intake(once: bool, consumer: str | None, metrics_port: int) -> None:
     """Drain the Redis Stream intake (TALKWIRE_INTAKE_STREAM) into the validated path."""
     from worker import tasks
     from worker.celery_app import create_app
@@ -686,6 +710,7 @@ def intake(once: bool, consumer: str | None) -> None:
     from worker.pipeline import open_context
 
     rt = resolve(_settings())
+    start_metrics(rt.settings, "intake", metrics_port)
     with _connect(rt.settings) as conn:
         store.apply_migrations(conn)
     create_app(rt.settings)  # the current app: follow-up tasks are sent through it
@@ -851,6 +876,83 @@ def changes(since: int, follow: bool, limit: int) -> None:
                     pass
         except KeyboardInterrupt:
             return
+
+
+
+def read_queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting per Celery queue, unacked deliveries, and the intake stream's length."""
+    from worker.intake import connect_redis, resolve_stream_key
+    from worker.metrics import QUEUES
+
+    client = connect_redis(settings.redis_url or "")
+    try:
+        depths = {queue: int(client.llen(settings.redis_prefix + queue)) for queue in QUEUES}
+        # kombu's redis transport parks delivered-but-unacked messages in this hash.
+        depths["unacked (in flight)"] = int(client.hlen(settings.redis_prefix + "unacked"))
+        depths["intake stream"] = int(client.xlen(resolve_stream_key(settings)))
+    finally:
+        client.close()
+    return depths
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "never"
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
+    if seconds < 0:
+        return f"in {-seconds:.0f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+@main.command()
+@click.option("--hours", default=24.0, show_default=True,
+              help="Window for recent failures.")
+def status(hours: float) -> None:
+    """Print queues, feed health, last ingest, recent failures by reason and label counts."""
+    from datetime import timedelta
+
+    rt = resolve(_settings())
+    s = rt.settings
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("waiting", justify="right")
+    for queue, depth in read_queue_depths(s).items():
+        queues.add_row(queue, str(depth))
+    with _connect(s) as conn:
+        health = store.summarize_feed_health(conn)
+        ingest = store.read_ingest_times(conn)
+        failures = store.count_recent_failures(
+            conn, datetime.now(timezone.utc) - timedelta(hours=hours))
+        labels = store.count_labels(conn)
+    feeds = Table(title="feed health")
+    for column in ("status", "feeds", "failing", "last polled", "last success", "next due"):
+        feeds.add_column(column, justify="right" if column in {"feeds", "failing"} else "left")
+    for row in health:
+        feeds.add_row(row.status, str(row.feeds), str(row.failing), _ago(row.last_polled_at),
+                      _ago(row.last_success_at), _ago(row.next_poll_at))
+    ingested = Table(title="ingest")
+    ingested.add_column("measure")
+    ingested.add_column("value", justify="right")
+    ingested.add_row("last article stored", _ago(ingest.last_stored_at))
+    ingested.add_row("stored in the last hour", str(ingest.stored_last_hour))
+    ingested.add_row("stored in the last day", str(ingest.stored_last_day))
+    ingested.add_row("pending", str(ingest.pending))
+    failed = Table(title=f"failures in the last {hours:g} h, by reason")
+    for column in ("kind", "reason", "count", "last"):
+        failed.add_column(column, justify="right" if column == "count" else "left")
+    for f in failures:
+        failed.add_row(f.kind, f.reason, str(f.count), _ago(f.last_at))
+    labelled = Table(title="labels")
+    for column in ("label", "articles", "last 24 h"):
+        labelled.add_column(column, justify="left" if column == "label" else "right")
+    for label, total, recent in labels:
+        labelled.add_row(label, str(total), str(recent))
+    for table in (queues, feeds, ingested, failed, labelled):
+        console.print(table)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3600, ge=1)
     worker_max_memory_kb: int = Field(default=400_000, ge=10_000)
     worker_concurrency: int = Field(default=2, ge=1)
+    # Prometheus /metrics of `talkwire worker` and `talkwire beat` (0: off). Two processes on
+    # one host need two ports; a port already taken is logged, never fatal.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    beat_metrics_port: int = Field(default=9465, ge=0, le=65535)
 
     # Producer contracts (issue 7). A message larger than this is dead-lettered as too_large;
     # it bounds what one message can make a worker hold and extract.

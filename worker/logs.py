@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from worker.metrics import count_outcome
+
 _LOG = logging.getLogger("talkwire")
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
@@ -44,9 +46,12 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def log_outcome(stage: str, outcome: str, *, started: float | None = None, **keys: object) -> None:
-    """Log the single outcome of one item at one stage."""
+    """Log the single outcome of one item at one stage, and count it (worker.metrics)."""
     fields: dict[str, object] = {"stage": stage, "outcome": outcome, **keys}
-    if started is not None:
-        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    duration = time.monotonic() - started if started is not None else None
+    if duration is not None:
+        fields["duration_ms"] = round(duration * 1000, 1)
+    # One outcome, one log line, one counter increment (STYLE.md habits).
+    count_outcome(stage, outcome, duration, keys)
     level = logging.WARNING if outcome in {"failed", "retry"} else logging.INFO
     _LOG.log(level, f"{stage} {outcome}", extra=fields)

@@ -1442,3 +1442,148 @@ def list_changes(conn: psycopg.Connection, *, since: int, limit: int) -> list[Ch
             (since, limit),
         )
         return cur.fetchall()
+
+
+# --- observability (issue 9): gauges read on scrape, and `talkwire status` ----------------
+
+
+@dataclass(frozen=True)
+class MetricState:
+    """What the metrics endpoint reads from Postgres at each scrape."""
+
+    feeds_by_status: dict[str, int]
+    feeds_failing: int
+    articles_by_state: dict[str, int]
+    last_stored_at: datetime | None
+    oldest_pending_seconds: float
+    dead_letters_open: int
+    rounds_in_session: int
+
+
+def read_metric_state(conn: psycopg.Connection) -> MetricState:
+    """Feeds by status, pending/failed counts, last store, queue age, open dead letters, rounds now."""
+    # Each count uses a partial index (feeds_due_idx, articles_pending_idx,
+    # articles_failed_reason_idx, articles_stored_at_idx), so a scrape stays cheap at 10M rows;
+    # the stored total is not counted here for that reason (it would be a full scan).
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT"
+            " (SELECT count(*) FROM feeds WHERE status = 'active') AS active,"
+            " (SELECT count(*) FROM feeds WHERE status = 'broken') AS broken,"
+            " (SELECT count(*) FROM feeds WHERE status = 'paused') AS paused,"
+            " (SELECT count(*) FROM feeds WHERE status = 'active' AND consecutive_failures > 0)"
+            "   AS failing,"
+            " (SELECT count(*) FROM articles WHERE state = 'pending') AS pending,"
+            " (SELECT count(*) FROM articles WHERE state = 'failed') AS failed,"
+            " (SELECT max(stored_at) FROM articles WHERE state = 'stored') AS last_stored,"
+            " (SELECT COALESCE(extract(epoch FROM now() - min(enqueued_at)), 0)"
+            "    FROM articles WHERE state = 'pending') AS oldest_pending,"
+            " (SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL) AS dead_letters,"
+            " (SELECT count(*) FROM rounds WHERE status IN ('announced', 'held')"
+            "    AND start_date <= current_date"
+            "    AND COALESCE(end_date, start_date) >= current_date) AS rounds_in_session"
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return MetricState(
+        feeds_by_status={"active": row["active"], "broken": row["broken"],
+                         "paused": row["paused"]},
+        feeds_failing=row["failing"],
+        articles_by_state={"pending": row["pending"], "failed": row["failed"]},
+        last_stored_at=row["last_stored"],
+        oldest_pending_seconds=float(row["oldest_pending"]),
+        dead_letters_open=row["dead_letters"],
+        rounds_in_session=row["rounds_in_session"],
+    )
+
+
+@dataclass(frozen=True)
+class FeedHealth:
+    """Feeds of one status: how many, how many failing, when last polled and next due."""
+
+    status: str
+    feeds: int
+    failing: int
+    last_polled_at: datetime | None
+    last_success_at: datetime | None
+    next_poll_at: datetime | None
+
+
+def summarize_feed_health(conn: psycopg.Connection) -> list[FeedHealth]:
+    """One row per feed status with failure count and last/next poll times."""
+    with conn.cursor(row_factory=class_row(FeedHealth)) as cur:
+        cur.execute(
+            "SELECT status, count(*) AS feeds,"
+            " count(*) FILTER (WHERE consecutive_failures > 0) AS failing,"
+            " max(last_polled_at) AS last_polled_at, max(last_success_at) AS last_success_at,"
+            " min(next_poll_at) AS next_poll_at"
+            " FROM feeds GROUP BY status ORDER BY status"
+        )
+        return cur.fetchall()
+
+
+@dataclass(frozen=True)
+class IngestTimes:
+    """When articles were last stored, and how many in the last hour and day."""
+
+    last_stored_at: datetime | None
+    stored_last_hour: int
+    stored_last_day: int
+    pending: int
+
+
+def read_ingest_times(conn: psycopg.Connection) -> IngestTimes:
+    """Last ingest time and recent stored counts (articles_stored_at_idx range scans)."""
+    with conn.cursor(row_factory=class_row(IngestTimes)) as cur:
+        cur.execute(
+            "SELECT"
+            " (SELECT max(stored_at) FROM articles WHERE state = 'stored') AS last_stored_at,"
+            " (SELECT count(*) FROM articles WHERE state = 'stored'"
+            "    AND stored_at >= now() - interval '1 hour') AS stored_last_hour,"
+            " (SELECT count(*) FROM articles WHERE state = 'stored'"
+            "    AND stored_at >= now() - interval '1 day') AS stored_last_day,"
+            " (SELECT count(*) FROM articles WHERE state = 'pending') AS pending"
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    """Recent failures of one kind (article, feed, dead letter) and reason."""
+
+    kind: str
+    reason: str
+    count: int
+    last_at: datetime | None
+
+
+def count_recent_failures(conn: psycopg.Connection, since: datetime) -> list[FailureCount]:
+    """Article, feed and dead-letter failures since a time, by reason, most frequent first."""
+    with conn.cursor(row_factory=class_row(FailureCount)) as cur:
+        cur.execute(
+            "SELECT 'article' AS kind, fail_reason AS reason, count(*) AS count,"
+            "   max(discovered_at) AS last_at"
+            " FROM articles WHERE state = 'failed' AND discovered_at >= %(s)s"
+            " GROUP BY fail_reason"
+            " UNION ALL"
+            " SELECT 'feed', last_reason, count(*), max(last_polled_at) FROM feeds"
+            " WHERE last_reason IS NOT NULL AND last_polled_at >= %(s)s GROUP BY last_reason"
+            " UNION ALL"
+            " SELECT 'dead_letter', reason, count(*), max(received_at) FROM dead_letters"
+            " WHERE received_at >= %(s)s GROUP BY reason"
+            " ORDER BY count DESC, kind, reason",
+            {"s": since},
+        )
+        return cur.fetchall()
+
+
+def count_labels(conn: psycopg.Connection) -> list[tuple[str, int, int]]:
+    """(label, all time, last 24 h) for every label given so far."""
+    rows = conn.execute(
+        "SELECT label, count(*),"
+        " count(*) FILTER (WHERE classified_at >= now() - interval '1 day')"
+        " FROM article_labels GROUP BY label ORDER BY count(*) DESC"
+    ).fetchall()
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
