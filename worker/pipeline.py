@@ -55,7 +55,8 @@ SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 _LOG = logging.getLogger("talkwire.pipeline")
 
 # A feed in one of these states cannot get better by waiting (issue: hard errors).
-BROKEN_FEED_REASONS = frozenset({"http_410", "not_a_feed", "blocked_address", "blocked_scheme"})
+BROKEN_FEED_REASONS = frozenset({"http_410", "not_a_feed", "blocked_address", "blocked_scheme",
+                                 "xml_entities"})
 FEED_ACCEPT = ("application/rss+xml, application/atom+xml, application/feed+json, "
                "application/xml;q=0.9, text/xml;q=0.9, */*;q=0.5")
 
@@ -183,6 +184,8 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    if row.attempts > ctx.settings.max_deliveries:
+        return quarantine_article(ctx, row.id, row.url, row.attempts, started=started)
     # Google News redirect links are unwrapped offline (issue 6); a URL that is already an
     # alias of a stored article needs no fetch at all.
     urls = dedup.url_variants(row.url)
@@ -232,6 +235,33 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
                 started=started, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=done.changed_rounds if done else ())
+
+
+def quarantine_article(ctx: Context, article_id: int, url: str, attempts: int, *,
+                       started: float) -> ProcessOutcome:
+    """Fail an article leased too often (its work keeps dying) and dead-letter it (issue 8)."""
+    detail = (f"leased {attempts} times without finishing (TALKWIRE_MAX_DELIVERIES="
+              f"{ctx.settings.max_deliveries}): its worker dies on it every time")
+    raw = encode_payload({"task": "talkwire.process_article", "args": [article_id], "url": url})
+    with ctx.pool.connection() as conn, conn.transaction():
+        store.fail_article(conn, article_id, reason="poison_message", detail=detail)
+        # source_ref makes the dead letter idempotent: a redelivery cannot add a second one.
+        store.record_dead_letter(
+            conn, via="celery", source_ref=f"process_article:{article_id}", kind=None,
+            producer=None, reason="poison_message", detail=detail, payload=raw,
+            payload_size=len(raw), payload_sha256=hashlib.sha256(raw).hexdigest(),
+            payload_truncated=False)
+    log_outcome("process", "failed", article_id=article_id, url=url, reason="poison_message",
+                attempts=attempts, started=started)
+    return ProcessOutcome(article_id, "failed", reason="poison_message")
+
+
+def fail_overrun_article(ctx: Context, article_id: int, *, limit: int) -> None:
+    """Fail an article whose task outran the soft time limit; running it again would too."""
+    with ctx.pool.connection() as conn:
+        store.fail_article(conn, article_id, reason="time_limit",
+                           detail=f"processing outran the soft time limit of {limit} s")
+    log_outcome("process", "failed", article_id=article_id, reason="time_limit")
 
 
 @dataclass(frozen=True)

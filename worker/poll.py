@@ -15,6 +15,7 @@ import feedparser
 
 from worker.errors import Permanent
 from worker.types import FeedEntry, ParsedFeed
+from worker.xmlguard import refuse_entity_declarations
 
 # RSS sy:updatePeriod values in minutes (RDF Site Summary 1.0 syndication module).
 RETRY_AFTER_CAP = 86_400
@@ -25,6 +26,7 @@ def parse_feed(body: bytes, *, base_url: str, content_type: str | None = None) -
     """Parse a fetched feed body; raise Permanent('not_a_feed') when it holds no feed."""
     if not isinstance(body, bytes):  # guard the feedparser trap at the boundary
         raise TypeError("parse_feed takes the fetched bytes, never a str")
+    refuse_entity_declarations(body)  # before feedparser expands them (issue 8)
     headers = {"content-location": base_url}
     if content_type:
         headers["content-type"] = content_type

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 from celery import Task, current_app, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
@@ -93,6 +94,10 @@ def process_article(self: Task, article_id: object) -> None:
         outcome = pipeline.process_article(ctx, aid, final_attempt=final)
     except psycopg.OperationalError as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+    except SoftTimeLimitExceeded:
+        # trafilatura has no in-process timeout; a page that outran the limit once would again.
+        pipeline.fail_overrun_article(ctx, aid, limit=ctx.settings.task_soft_time_limit)
+        return
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
     enqueue_relinks(outcome.changed_rounds)
