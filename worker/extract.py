@@ -73,16 +73,16 @@ def decode_page(page: Page) -> tuple[str | bytes, tuple[str, ...]]:
 
 
 def _utf16_without_bom(body: bytes) -> str | None:
-    """utf-16-le or utf-16-be when a BOM-less body is plainly UTF-16 (NULs in every other byte)."""
+    """utf-16-le or utf-16-be when a BOM-less body is plainly UTF-16 markup, else None."""
     head = body[:2048]
     if len(head) < 16 or head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return None
-    # Markup is mostly ASCII, so UTF-16 text has a NUL in one half of its byte positions.
-    even, odd = head[0::2].count(0), head[1::2].count(0)
-    if odd > 0.6 * len(head[1::2]) and even < 0.1 * len(head[0::2]):
-        return "utf-16-le"
-    if even > 0.6 * len(head[0::2]) and odd < 0.1 * len(head[1::2]):
-        return "utf-16-be"
+    # Markup is ASCII: only the right byte order turns the head into readable tags. An
+    # ASCII-compatible page read as UTF-16 gives CJK noise, never "<html".
+    for codec in ("utf-16-le", "utf-16-be"):
+        probe = head[: len(head) // 2 * 2].decode(codec, "ignore").lower()
+        if any(tag in probe for tag in ("<html", "<!doctype", "<?xml", "<head", "<body")):
+            return codec
     return None
 
 
