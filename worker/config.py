@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # Redis redelivers an unacked message after this many seconds. It must exceed every time
     # limit and backoff, or a slow task runs twice (celery/celery#5935).
     visibility_timeout: int = Field(default=3600, ge=1)
+    # Seconds between a worker's scans for messages a dead worker left unacknowledged.
+    unacked_restore_interval: int = Field(default=10, ge=1)
     worker_max_memory_kb: int = Field(default=400_000, ge=10_000)
     worker_concurrency: int = Field(default=2, ge=1)
 

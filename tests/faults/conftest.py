@@ -204,3 +204,18 @@ def peak_rss_mb(worker: WorkerProcess) -> float:
         except OSError:
             continue
     return peak / 1024
+
+
+@pytest.fixture()
+def spawn(run_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker or beat processes with extra settings; all are stopped afterwards."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str] | None = None, **kwargs: object) -> WorkerProcess:
+        proc = WorkerProcess({**run_env, **(env or {})}, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
