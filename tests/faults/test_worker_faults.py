@@ -145,10 +145,12 @@ def test_a_message_that_kills_its_worker_every_time_is_dead_lettered(
 
 # --- 11. the whole worker SIGKILLed ---------------------------------------------------------
 
+# The time limits leave room for a loaded machine: a slow page (2.5 s) plus extraction must
+# stay inside the soft limit, or the article fails as time_limit instead.
 SHORT_VISIBILITY = {
-    "TALKWIRE_FETCH_DEADLINE": "3", "TALKWIRE_TASK_SOFT_TIME_LIMIT": "4",
-    "TALKWIRE_TASK_TIME_LIMIT": "5", "TALKWIRE_LEASE_SECONDS": "4",
-    "TALKWIRE_RETRY_BACKOFF_MAX": "4", "TALKWIRE_VISIBILITY_TIMEOUT": "6",
+    "TALKWIRE_FETCH_DEADLINE": "6", "TALKWIRE_TASK_SOFT_TIME_LIMIT": "8",
+    "TALKWIRE_TASK_TIME_LIMIT": "9", "TALKWIRE_LEASE_SECONDS": "4",
+    "TALKWIRE_RETRY_BACKOFF_MAX": "4", "TALKWIRE_VISIBILITY_TIMEOUT": "10",
     "TALKWIRE_UNACKED_RESTORE_INTERVAL": "1",
 }
 
@@ -170,7 +172,7 @@ def test_a_killed_worker_s_messages_are_finished_by_another_after_the_visibility
     wait_for(lambda: count_states(db) == {"stored": 4}, 90, "all four from the second worker")
     recovered = time.monotonic() - killed
     assert stored_once(db, before) == (4, 4)
-    record("11 whole worker SIGKILLed (visibility 6 s, no sweeper)",
+    record("11 whole worker SIGKILLed (visibility 10 s, no sweeper)",
            "redelivered to another worker", expected=4, stored=4, recover_s=recovered,
            peak_mb=peak_rss_mb(second))
 
