@@ -18,6 +18,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import psycopg
 import pytest
@@ -80,7 +81,7 @@ def format_table(rows: list[CaseResult]) -> str:
 class Measure:
     """Wall time and the peak of Python allocations (tracemalloc) of an in-process step."""
 
-    def __enter__(self) -> Measure:
+    def __enter__(self) -> Self:
         tracemalloc.start()
         self._t = time.monotonic()
         return self

@@ -127,7 +127,7 @@ def test_a_message_that_kills_its_worker_every_time_is_dead_lettered(
 
     started = time.monotonic()
     for attempt in (1, 2, 3):  # the OOM killer's part: every delivery dies mid-task
-        wait_for(lambda: leased(attempt), 60, f"delivery {attempt}")
+        wait_for(lambda n=attempt: leased(n), 60, f"delivery {attempt}")
         assert kill_children(worker) >= 1
     wait_for(lambda: count_states(db) == {"failed": 1}, 60, "the article to be quarantined")
     quarantined = time.monotonic() - started
