@@ -310,3 +310,59 @@ def test_redis_at_maxmemory_with_noeviction_drops_nothing(
     record("13 Redis at maxmemory, noeviction", f"{refused} sends refused; resent after",
            expected=len(ids), stored=len(ids), recover_s=recovered,
            peak_mb=peak_rss_mb(worker))
+
+
+def test_a_postgres_stopped_mid_run_loses_and_doubles_nothing(
+        db: psycopg.Connection, site: SiteServer, app: Celery,
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import pgserver
+    from pgserver._commands import pg_ctl
+
+    from worker.classify import load_knowledge
+    from worker.embedded import ensure_database
+    from worker.pipeline import prepare_database, seed_registry
+
+    # A Postgres of this test's own (a short path: unix socket paths are limited).
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="twpg-")) / "pg", cleanup_mode="stop")
+    try:
+        ensure_database(server.get_uri(), "talkwire")
+        url = server.get_uri("talkwire")
+        with psycopg.connect(url) as conn:
+            prepare_database(conn)
+            with conn.transaction():
+                seed_registry(conn, load_knowledge())
+
+        def query(sql: str) -> list[tuple[object, ...]]:
+            with psycopg.connect(url, connect_timeout=3) as conn:
+                return conn.execute(sql).fetchall()  # type: ignore[arg-type]
+
+        env = {"DATABASE_URL": url}
+        worker = spawn(env, concurrency=2)
+        worker.wait_ready()
+        spawn(env, extra=("beat",))
+        with psycopg.connect(url, autocommit=True) as conn:
+            ids = [store.add_article_url(conn, site.url(f"slow/{i}.html"), origin="cli")[0]
+                   for i in range(6)]
+        for article_id in ids:
+            app.send_task("talkwire.process_article", args=[article_id])
+        wait_for(lambda: query("SELECT count(*) FROM articles WHERE state = 'stored'")[0][0] >= 1,
+                 60, "the first article")
+        # Stop the server hard, mid-run (no checkpoint, no goodbye to clients), then restart.
+        pg_ctl(["-w", "stop", "-m", "immediate"], pgdata=server.pgdata, user=server.system_user)
+        time.sleep(3)
+        server.ensure_postgres_running()
+        restarted = time.monotonic()
+        wait_for(lambda: query("SELECT count(*) FROM articles WHERE state = 'stored'")[0][0] == 6,
+                 120, "all six after the restart")
+        recovered = time.monotonic() - restarted
+        assert query("SELECT state, count(*) FROM articles GROUP BY state") == [("stored", 6)]
+        assert query("SELECT count(*) FROM articles WHERE body IS NULL OR story_id IS NULL") == [(0,)]
+        assert query("SELECT count(*) FROM changes WHERE event = 'article_created'") == [(6,)]
+        peak = peak_rss_mb(worker)
+    finally:
+        server.cleanup()
+    record("15 Postgres stopped (immediate) mid-run, restarted", "retried; all present once",
+           expected=6, stored=6, recover_s=recovered, peak_mb=peak)
