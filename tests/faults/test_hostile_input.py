@@ -334,3 +334,67 @@ def test_two_runs_of_one_article_store_it_once(
         load_settings(visibility_timeout=100, task_time_limit=150, task_soft_time_limit=120)
     record("12 run outlives lease/visibility (two runs race)", "one stored, one stale",
            expected=1, stored=1, duplicates=0)
+
+
+# --- 1 (names) and 2. names that resolve inside, and DNS rebinding --------------------------
+
+
+class Resolver:
+    """A stand-in DNS (there is none here): answers per name, in turn; counts the lookups.
+
+    Only the system resolver is replaced; the fetcher, pipeline and store are the real ones.
+    """
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[str]] = {}
+        self.lookups: list[str] = []
+        self._real = socket.getaddrinfo
+
+    def getaddrinfo(self, host: object, port: object, *args: object, **kwargs: object) -> object:
+        """socket.getaddrinfo, answering the names given in `answers` (the last one sticks)."""
+        if isinstance(host, str) and host in self.answers:
+            queue = self.answers[host]
+            ip = queue.pop(0) if len(queue) > 1 else queue[0]
+            self.lookups.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+        return self._real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Resolver:
+    """Install the stand-in resolver for one test."""
+    stand_in = Resolver()
+    monkeypatch.setattr(socket, "getaddrinfo", stand_in.getaddrinfo)
+    return stand_in
+
+
+def test_a_name_resolving_to_a_private_address_is_refused(
+        db: psycopg.Connection, strict_ctx: pipeline.Context, resolver: Resolver,
+        record: Callable[..., None]) -> None:
+    resolver.answers["wire.intranet.example"] = ["10.20.30.40"]
+    article_id, _ = process_once(strict_ctx, db, "http://wire.intranet.example/feed/a.html")
+    row = article_row(db, article_id)
+    assert (row["state"], row["fail_reason"], row["attempts"]) == ("failed", "blocked_address", 1)
+    record("1 name resolving to 10.x", "blocked_address, attempts=1", expected=0, stored=0)
+
+
+def test_dns_rebinding_cannot_reach_the_second_answer(
+        db: psycopg.Connection, hostile_site: SiteServer, hits: hostile.Hits, resolver: Resolver, record: Callable[..., None]) -> None:
+    # First answer public (screened, admitted), every later one loopback: a client that
+    # resolved again at connect time would reach the local server.
+    port = int(hostile_site.base_url.rsplit(":", 1)[1])
+    resolver.answers["rebind.example"] = ["93.184.215.14", "127.0.0.1"]  # global; no route here
+    ctx = pipeline.open_context(load_settings(fetch_allow_networks=(), fetch_connect_timeout=1,
+                                              fetch_deadline=2))
+    before = len(hits.paths)
+    try:
+        article_id, _ = process_once(ctx, db, f"http://rebind.example:{port}/ok/fr.html")
+    finally:
+        ctx.close()
+    row = article_row(db, article_id)
+    assert row["state"] != "stored" and row["body"] is None
+    assert row["fail_reason"] in ("connect_error", "timeout")  # it tried the screened address
+    assert resolver.lookups == ["rebind.example"]  # resolved once, never again to connect
+    assert len(hits.paths) == before  # the loopback server behind the rebinding saw nothing
+    record("2 DNS rebinding (public, then loopback)", "connected to the screened IP only",
+           expected=0, stored=0)
