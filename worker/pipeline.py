@@ -256,12 +256,19 @@ def quarantine_article(ctx: Context, article_id: int, url: str, attempts: int, *
     return ProcessOutcome(article_id, "failed", reason="poison_message")
 
 
-def fail_overrun_article(ctx: Context, article_id: int, *, limit: int) -> None:
-    """Fail an article whose task outran the soft time limit; running it again would too."""
+def end_overrun_article(ctx: Context, article_id: int, *, final_attempt: bool) -> str:
+    """Release (for a retry) or, on the final attempt, fail an article whose task outran the
+    soft time limit; return the outcome, `retry` or `failed`."""
+    detail = f"processing outran the soft time limit of {ctx.settings.task_soft_time_limit} s"
     with ctx.pool.connection() as conn:
-        store.fail_article(conn, article_id, reason="time_limit",
-                           detail=f"processing outran the soft time limit of {limit} s")
-    log_outcome("process", "failed", article_id=article_id, reason="time_limit")
+        if final_attempt:
+            store.fail_article(conn, article_id, reason="time_limit", detail=detail)
+        else:
+            # A busy machine can overrun once; a page that always does uses up the retries.
+            store.release_article(conn, article_id, reason="time_limit", detail=detail)
+    outcome = "failed" if final_attempt else "retry"
+    log_outcome("process", outcome, article_id=article_id, reason="time_limit")
+    return outcome
 
 
 @dataclass(frozen=True)

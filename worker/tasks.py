@@ -95,8 +95,10 @@ def process_article(self: Task, article_id: object) -> None:
     except psycopg.OperationalError as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
     except SoftTimeLimitExceeded:
-        # trafilatura has no in-process timeout; a page that outran the limit once would again.
-        pipeline.fail_overrun_article(ctx, aid, limit=ctx.settings.task_soft_time_limit)
+        # trafilatura has no in-process timeout: an overrun is retried like a transient
+        # failure, and fails as time_limit once the retries are used up.
+        if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
+            raise self.retry(countdown=_backoff(self.request.retries, None)) from None
         return
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
