@@ -4,10 +4,12 @@
 
 Runs the fault suite (real worker processes, Postgres, Redis and the hostile HTTP server;
 DATABASE_URL and REDIS_URL as for ./ops/test, embedded servers when unset) and prints, per
-case: its outcome, articles expected and stored, duplicates, the time to recover (from the
-fault to the last article stored, or the slowest hostile item for in-process cases) and the
-peak memory (tracemalloc peak of the pipeline for in-process cases; the highest resident set
-of the worker processes for worker cases). Exits with pytest's status.
+case: its outcome, articles expected and stored, duplicates (articles stored more than once,
+counted in the change feed), the time to recover (worker cases: from the fault to the last
+article stored; in-process cases: the slowest single hostile item, from the first request to
+its recorded outcome) and the peak memory (in-process cases: tracemalloc peak of the
+pipeline's Python allocations; worker cases: the highest resident set, VmHWM, of the worker
+processes still alive at the end). Exits with pytest's status.
 """
 
 from __future__ import annotations

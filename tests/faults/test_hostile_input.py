@@ -80,11 +80,11 @@ def test_private_targets_are_refused_before_connect_even_with_proxies_set(
     monkeypatch.setenv("NO_PROXY", "")
     port = hostile_site.base_url.rsplit(":", 1)[1]
     before = len(hits.paths)
-    peak = 0.0
+    peak, slowest = 0.0, 0.0
     for template in PRIVATE_TARGETS:
         url = template.format(port=port)
         article_id, cost = process_once(strict_ctx, db, url)
-        peak = max(peak, cost.peak_mb)
+        peak, slowest = max(peak, cost.peak_mb), max(slowest, cost.seconds)
         row = article_row(db, article_id)
         assert (row["state"], row["fail_reason"], row["attempts"], row["body"]) == (
             "failed", "blocked_address", 1, None), url
@@ -94,7 +94,7 @@ def test_private_targets_are_refused_before_connect_even_with_proxies_set(
     assert accepted == [], "the proxy from the environment was used"
     assert count_states(db) == {"failed": len(PRIVATE_TARGETS)}
     record("1 private targets (11 forms, proxies set)", "blocked_address, attempts=1",
-           expected=0, stored=0, peak_mb=peak)
+           expected=0, stored=0, recover_s=slowest, peak_mb=peak)
 
 
 # --- 3. redirects ---------------------------------------------------------------------------
@@ -111,14 +111,16 @@ REDIRECTS = {
 def test_hostile_redirects_are_refused_at_the_hop(
         db: psycopg.Connection, ctx: pipeline.Context, hostile_site: SiteServer,
         hits: hostile.Hits, record: Callable[..., None]) -> None:
+    slowest = 0.0
     for path, reason in REDIRECTS.items():
-        article_id, _ = process_once(ctx, db, hostile_site.url(path))
+        article_id, cost = process_once(ctx, db, hostile_site.url(path))
+        slowest = max(slowest, cost.seconds)
         row = article_row(db, article_id)
         assert (row["state"], row["fail_reason"], row["attempts"]) == ("failed", reason, 1), path
     # The chain stopped at the cap: hop 0 plus TALKWIRE_FETCH_MAX_REDIRECTS hops were asked.
     assert hits.paths.count("redirect/hop/5") == 1 and "redirect/hop/6" not in hits.paths
     record("3 redirects: metadata, file:, gopher:, loop, 6+ hops", "refused at the hop",
-           expected=0, stored=count_states(db).get("stored", 0))
+           expected=0, stored=count_states(db).get("stored", 0), recover_s=slowest)
 
 
 # --- 5. size bombs --------------------------------------------------------------------------
@@ -135,19 +137,20 @@ def test_size_bombs_stop_at_the_decoded_cap_with_bounded_memory(
         db: psycopg.Connection, ctx: pipeline.Context, hostile_site: SiteServer,
         record: Callable[..., None]) -> None:
     cap_mb = ctx.limits.max_bytes / 2**20
-    peak = 0.0
+    peak, slowest = 0.0, 0.0
     for path, reason in BOMBS.items():
         article_id, cost = process_once(ctx, db, hostile_site.url(path))
         row = article_row(db, article_id)
         assert (row["state"], row["fail_reason"], row["body"]) == ("failed", reason, None), path
         # The body is held once, plus one decoded chunk: never the bomb's full size.
         assert cost.peak_mb < 2 * cap_mb + 8, (path, cost.peak_mb)
-        peak = max(peak, cost.peak_mb)
+        peak, slowest = max(peak, cost.peak_mb), max(slowest, cost.seconds)
     # A Content-Length smaller than the body: only the declared bytes are read.
     article_id, cost = process_once(ctx, db, hostile_site.url("bomb/lie-small"))
     assert article_row(db, article_id)["fail_reason"] == "no_text"
     record("5 size bombs: gzip, brotli, lying length, endless chunked",
-           f"too_large/bad_encoding at {cap_mb:.0f} MiB", expected=0, stored=0, peak_mb=peak)
+           f"too_large/bad_encoding at {cap_mb:.0f} MiB", expected=0, stored=0,
+           recover_s=slowest, peak_mb=peak)
 
 
 # --- 6. local-file tricks -------------------------------------------------------------------
@@ -158,8 +161,10 @@ LOCAL_FILES = ["file:///etc/passwd", "/etc/passwd", "feed:///etc/passwd",
 
 def test_local_file_urls_are_refused_and_no_file_content_is_stored(
         db: psycopg.Connection, ctx: pipeline.Context, record: Callable[..., None]) -> None:
+    slowest = 0.0
     for url in LOCAL_FILES:
-        article_id, _ = process_once(ctx, db, url)
+        article_id, cost = process_once(ctx, db, url)
+        slowest = max(slowest, cost.seconds)
         row = article_row(db, article_id)
         assert (row["state"], row["fail_reason"]) == ("failed", "blocked_scheme"), url
         pipeline.poll_feed(ctx, store.add_feed(db, url).id)
@@ -170,7 +175,7 @@ def test_local_file_urls_are_refused_and_no_file_content_is_stored(
                         " OR fail_detail LIKE '%root:%'").fetchone()
     assert leaked == (0,)
     record("6 local files: file:, bare path, feed:", "blocked_scheme, nothing stored",
-           expected=0, stored=0)
+           expected=0, stored=0, recover_s=slowest)
 
 
 # --- 7. XML attacks -------------------------------------------------------------------------
@@ -241,8 +246,10 @@ def test_broken_encodings_are_stored_as_valid_text_with_the_problem_recorded(
     site = serve_site(FIXTURES / "site", routes={
         name: hostile.static(body, ctype=ctype) for name, (body, ctype, _, _) in ENCODINGS.items()})
     try:
+        peak, slowest = 0.0, 0.0
         for name, (_, _, phrase, warning) in ENCODINGS.items():
-            article_id, _ = process_once(ctx, db, site.url(name))
+            article_id, cost = process_once(ctx, db, site.url(name))
+            peak, slowest = max(peak, cost.peak_mb), max(slowest, cost.seconds)
             row = article_row(db, article_id)
             assert row["state"] == "stored", (name, row["fail_reason"], row["fail_detail"])
             body = str(row["body"])
@@ -256,7 +263,7 @@ def test_broken_encodings_are_stored_as_valid_text_with_the_problem_recorded(
         site.close()
     record("8 encodings: cp1252 as UTF-8, UTF-16 no BOM, invalid, NUL+surrogate",
            "stored, problem in extract_warnings", expected=4,
-           stored=count_states(db).get("stored", 0))
+           stored=count_states(db).get("stored", 0), recover_s=slowest, peak_mb=peak)
 
 
 # --- 9. pathological HTML -------------------------------------------------------------------
@@ -333,7 +340,7 @@ def test_two_runs_of_one_article_store_it_once(
     with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT"):
         load_settings(visibility_timeout=100, task_time_limit=150, task_soft_time_limit=120)
     record("12 run outlives lease/visibility (two runs race)", "one stored, one stale",
-           expected=1, stored=1, duplicates=0)
+           expected=1, stored=1)
 
 
 # --- 1 (names) and 2. names that resolve inside, and DNS rebinding --------------------------

@@ -11,7 +11,13 @@ import pytest
 from celery import Celery
 
 from tests.conftest import WorkerProcess, purge_redis, wait_for
-from tests.faults.conftest import count_states, kill_children, peak_rss_mb, worker_children
+from tests.faults.conftest import (
+    count_doubled,
+    count_states,
+    kill_children,
+    peak_rss_mb,
+    worker_children,
+)
 from worker import store
 from worker.celery_app import create_app
 from worker.config import Settings
@@ -362,7 +368,9 @@ def test_a_postgres_stopped_mid_run_loses_and_doubles_nothing(
         assert query("SELECT count(*) FROM articles WHERE body IS NULL OR story_id IS NULL") == [(0,)]
         assert query("SELECT count(*) FROM changes WHERE event = 'article_created'") == [(6,)]
         peak = peak_rss_mb(worker)
+        with psycopg.connect(url) as conn:
+            doubled = count_doubled(conn, 0)
     finally:
         server.cleanup()
     record("15 Postgres stopped (immediate) mid-run, restarted", "retried; all present once",
-           expected=6, stored=6, recover_s=recovered, peak_mb=peak)
+           expected=6, stored=6, duplicates=doubled, recover_s=recovered, peak_mb=peak)
