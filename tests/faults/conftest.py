@@ -49,7 +49,7 @@ RESULTS: list[CaseResult] = []
 def count_doubled(conn: psycopg.Connection, since_change: int) -> int:
     """Articles stored more than once since a change id: extra article_created events."""
     return conn.execute(
-        "SELECT coalesce(sum(n - 1), 0) FROM (SELECT entity_id, count(*) AS n FROM changes"
+        "SELECT coalesce(sum(n - 1), 0)::int FROM (SELECT entity_id, count(*) AS n FROM changes"
         " WHERE event = 'article_created' AND id > %s GROUP BY entity_id) t",
         (since_change,)).fetchone()[0]  # type: ignore[index]
 
