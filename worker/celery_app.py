@@ -20,6 +20,11 @@ def create_app(settings: Settings) -> Celery:
         # Must exceed every time limit, lease and backoff (checked in config), else Redis
         # hands a still-running task to a second worker.
         "visibility_timeout": settings.visibility_timeout,
+        # How often a worker looks for messages whose consumer died (unacked past the
+        # visibility timeout) and puts them back. kombu's default scans every 10th sweep of
+        # 10 s, so a dead worker's messages waited up to 100 s beyond the timeout (issue 8).
+        "unacked_restore_interval": settings.unacked_restore_interval,
+        "unacked_restore_throttle": 1,
     }
     if settings.redis_prefix:
         transport["global_keyprefix"] = settings.redis_prefix

@@ -86,9 +86,16 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=150, ge=1)
     max_retries: int = Field(default=8, ge=0)
     retry_backoff_max: int = Field(default=600, ge=1)
+    # An article leased more often than this is quarantined as poison_message (a dead letter
+    # and a failed row): a page that kills its worker every time (OOM, hard time limit) would
+    # otherwise be redelivered for ever (issue 8). Leases count retries too, so it must
+    # exceed max_retries + 1 (checked).
+    max_deliveries: int = Field(default=12, ge=2)
     # Redis redelivers an unacked message after this many seconds. It must exceed every time
     # limit and backoff, or a slow task runs twice (celery/celery#5935).
     visibility_timeout: int = Field(default=3600, ge=1)
+    # Seconds between a worker's scans for messages a dead worker left unacknowledged.
+    unacked_restore_interval: int = Field(default=10, ge=1)
     worker_max_memory_kb: int = Field(default=400_000, ge=10_000)
     worker_concurrency: int = Field(default=2, ge=1)
     # Prometheus /metrics of `talkwire worker` and `talkwire beat` (0: off). Two processes on
@@ -154,6 +161,9 @@ class Settings(BaseSettings):
         if self.host_max_wait + self.task_time_limit >= self.visibility_timeout:
             raise ValueError("TALKWIRE_HOST_MAX_WAIT plus the task time limit must stay below "
                              "TALKWIRE_VISIBILITY_TIMEOUT; a deferred poll is held unacked")
+        if self.max_deliveries <= self.max_retries + 1:
+            raise ValueError("TALKWIRE_MAX_DELIVERIES must exceed TALKWIRE_MAX_RETRIES + 1, "
+                             "or ordinary retries would be quarantined as poison")
         if not self.poll_interval_min <= self.poll_interval_default <= self.poll_interval_max:
             raise ValueError("poll intervals must satisfy MIN <= DEFAULT <= MAX")
         if self.db_pool_max < self.db_pool_min:

@@ -66,7 +66,8 @@ _LOG = logging.getLogger("talkwire.pipeline")
 # A feed in one of these states cannot get better by waiting (issue 3: hard errors). A body
 # that is not a feed is hard too, but only for a feed that never parsed: one that worked and
 # now serves an HTML page is most often in an outage (a maintenance or login page).
-BROKEN_FEED_REASONS = frozenset({"http_410", "blocked_address", "blocked_scheme", "bad_url"})
+BROKEN_FEED_REASONS = frozenset({"http_410", "blocked_address", "blocked_scheme", "bad_url",
+                                 "xml_entities"})
 # A 429 pauses the whole host (rate limits are per client and host), for Retry-After but at
 # most this long, so one answer cannot park every feed of a wire service for a day.
 HOST_PENALTY_CAP = 3600
@@ -317,6 +318,8 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    if row.attempts > ctx.settings.max_deliveries:
+        return quarantine_article(ctx, row.id, row.url, row.attempts, started=started)
     # Google News redirect links are unwrapped offline (issue 6); a URL that is already an
     # alias of a stored article needs no fetch at all.
     urls = dedup.url_variants(row.url)
@@ -366,6 +369,40 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
                 started=started, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=done.changed_rounds if done else ())
+
+
+def quarantine_article(ctx: Context, article_id: int, url: str, attempts: int, *,
+                       started: float) -> ProcessOutcome:
+    """Fail an article leased too often (its work keeps dying) and dead-letter it (issue 8)."""
+    detail = (f"leased {attempts} times without finishing (TALKWIRE_MAX_DELIVERIES="
+              f"{ctx.settings.max_deliveries}): its worker dies on it every time")
+    raw = encode_payload({"task": "talkwire.process_article", "args": [article_id], "url": url})
+    with ctx.pool.connection() as conn, conn.transaction():
+        store.fail_article(conn, article_id, reason="poison_message", detail=detail)
+        # source_ref makes the dead letter idempotent: a redelivery cannot add a second one.
+        store.record_dead_letter(
+            conn, via="celery", source_ref=f"process_article:{article_id}", kind=None,
+            producer=None, reason="poison_message", detail=detail, payload=raw,
+            payload_size=len(raw), payload_sha256=hashlib.sha256(raw).hexdigest(),
+            payload_truncated=False)
+    log_outcome("process", "failed", article_id=article_id, url=url, reason="poison_message",
+                attempts=attempts, started=started)
+    return ProcessOutcome(article_id, "failed", reason="poison_message")
+
+
+def end_overrun_article(ctx: Context, article_id: int, *, final_attempt: bool) -> str:
+    """Release (for a retry) or, on the final attempt, fail an article whose task outran the
+    soft time limit; return the outcome, `retry` or `failed`."""
+    detail = f"processing outran the soft time limit of {ctx.settings.task_soft_time_limit} s"
+    with ctx.pool.connection() as conn:
+        if final_attempt:
+            store.fail_article(conn, article_id, reason="time_limit", detail=detail)
+        else:
+            # A busy machine can overrun once; a page that always does uses up the retries.
+            store.release_article(conn, article_id, reason="time_limit", detail=detail)
+    outcome = "failed" if final_attempt else "retry"
+    log_outcome("process", outcome, article_id=article_id, reason="time_limit")
+    return outcome
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import feedparser
 
 from worker.errors import Permanent
 from worker.types import FeedEntry, ParsedFeed
+from worker.xmlguard import refuse_entity_declarations
 
 RETRY_AFTER_CAP = 86_400
 # RSS sy:updatePeriod values in minutes (RDF Site Summary 1.0 syndication module).
@@ -34,6 +35,7 @@ def parse_feed(body: bytes, *, base_url: str, content_type: str | None = None) -
     """Parse a fetched feed body; raise Permanent('not_a_feed') when it holds no feed."""
     if not isinstance(body, bytes):  # guard the feedparser trap at the boundary
         raise TypeError("parse_feed takes the fetched bytes, never a str")
+    refuse_entity_declarations(body)  # before feedparser expands them (issue 8)
     if content_type in _JSON_TYPES or body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
         return _parse_json_feed(body, base_url)
     # No Content-Location: given one, feedparser resolves every URI-ish element against it,

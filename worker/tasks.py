@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from celery import Task, current_app, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
@@ -187,6 +188,12 @@ def process_article(self: Task, article_id: object) -> None:
         outcome = pipeline.process_article(ctx, aid, final_attempt=final)
     except psycopg.OperationalError as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
+    except SoftTimeLimitExceeded:
+        # trafilatura has no in-process timeout: an overrun is retried like a transient
+        # failure, and fails as time_limit once the retries are used up.
+        if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
+            raise self.retry(countdown=_backoff(self.request.retries, None)) from None
+        return
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
     enqueue_relinks(outcome.changed_rounds)

@@ -34,6 +34,7 @@ def test_defaults_use_the_embedded_servers() -> None:
         ({"TALKWIRE_TASK_TIME_LIMIT": "60", "TALKWIRE_TASK_SOFT_TIME_LIMIT": "90"},
          "TALKWIRE_TASK_TIME_LIMIT"),
         ({"DATABASE_URL": "postgresql://localhost/x"}, "set both DATABASE_URL and REDIS_URL"),
+        ({"TALKWIRE_MAX_DELIVERIES": "9"}, "TALKWIRE_MAX_DELIVERIES must exceed"),
     ],
 )
 def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],

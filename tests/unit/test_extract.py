@@ -41,7 +41,7 @@ def test_wrong_charset_label_falls_back_to_sniffing() -> None:
     body = (PAGES / "geneve6-cloture.html").read_text(encoding="utf-8").encode("cp1252")
     article = extract_article(page("geneve6-cloture.html", charset="utf-8", body=body))
     assert "sixième cycle" in article.text
-    assert article.warnings == ("charset_mismatch:utf-8",)
+    assert article.warnings == ("charset_mismatch:utf-8", "decoded_as:windows-1252")
 
 
 def test_page_without_text_is_a_permanent_failure() -> None:
