@@ -51,6 +51,10 @@ TEST_ENV = {
     # Off unless a test asks: parallel runs on one machine would contend for the ports.
     "TALKWIRE_METRICS_PORT": "0",
     "TALKWIRE_BEAT_METRICS_PORT": "0",
+    # Every fixture site is on 127.0.0.1: politeness toward it would only slow the tests.
+    # The polling tests set their own limits to test them.
+    "TALKWIRE_HOST_MIN_SPACING": "0",
+    "TALKWIRE_HOST_MAX_CONCURRENT": "16",
 }
 
 
@@ -119,10 +123,13 @@ def purge_redis(settings: Settings) -> None:
     # kombu spells a unix socket redis+socket://; redis-py spells it unix://.
     client = redis.Redis.from_url(url.replace("redis+socket://", "unix://", 1))
     try:
-        # Only the queued and unacked messages: kombu's routing sets and the intake stream's
-        # consumer group belong to processes a module may keep running between tests.
+        # Queued and unacked messages, and per-host politeness state (a 429 in one test must
+        # not pause the fixture host in the next). Kombu's routing sets and the intake
+        # stream's consumer group stay: they belong to processes a module keeps running.
+        host_keys = f"{settings.redis_prefix}talkwire:host:".encode()
         doomed = [key for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)
-                  if client.type(key) == b"list" or key.endswith((b"unacked", b"unacked_index"))]
+                  if client.type(key) == b"list" or key.endswith((b"unacked", b"unacked_index"))
+                  or key.startswith(host_keys)]
         if doomed:
             client.delete(*doomed)
     finally:

@@ -158,6 +158,8 @@ SHORT_VISIBILITY = {
     "TALKWIRE_TASK_TIME_LIMIT": "9", "TALKWIRE_LEASE_SECONDS": "4",
     "TALKWIRE_RETRY_BACKOFF_MAX": "4", "TALKWIRE_VISIBILITY_TIMEOUT": "10",
     "TALKWIRE_UNACKED_RESTORE_INTERVAL": "1",
+    # A poll deferred for its host is held unacked this long; it must fit in the visibility.
+    "TALKWIRE_HOST_MAX_WAIT": "0.5",
 }
 
 
@@ -196,7 +198,7 @@ def test_a_redis_flush_mid_run_loses_no_article(
     send_articles(app, db, urls)
     wait_for(lambda: db.execute("SELECT count(*) FROM articles WHERE leased_until IS NOT NULL")
              .fetchone()[0] >= 1, 30, "work to start")
-    # Every key of this deployment goes: queued messages, unacked messages, beat's locks.
+    # The queue goes: messages waiting and messages delivered but not acknowledged.
     purge_redis(settings)
     flushed = time.monotonic()
     spawn(extra=("beat",))  # the sweeper finds pending rows whose message vanished
