@@ -117,11 +117,9 @@ def settings(run_env: dict[str, str]) -> Settings:
 
 def purge_redis(settings: Settings) -> None:
     """Empty this run's queues: messages waiting, and messages delivered but not acked."""
-    import redis
+    from worker.politeness import redis_client
 
-    url = settings.redis_url or ""
-    # kombu spells a unix socket redis+socket://; redis-py spells it unix://.
-    client = redis.Redis.from_url(url.replace("redis+socket://", "unix://", 1))
+    client = redis_client(settings.redis_url or "")
     try:
         # Queued and unacked messages, and per-host politeness state (a 429 in one test must
         # not pause the fixture host in the next). Kombu's routing sets and the intake

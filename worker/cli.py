@@ -706,8 +706,9 @@ def intake(once: bool, consumer: str | None, metrics_port: int) -> None:
     """Drain the Redis Stream intake (TALKWIRE_INTAKE_STREAM) into the validated path."""
     from worker import tasks
     from worker.celery_app import create_app
-    from worker.intake import Intake, connect_redis
+    from worker.intake import Intake
     from worker.pipeline import open_context
+    from worker.politeness import redis_client
 
     rt = resolve(_settings())
     start_metrics(rt.settings, "intake", metrics_port)
@@ -715,7 +716,7 @@ def intake(once: bool, consumer: str | None, metrics_port: int) -> None:
         store.apply_migrations(conn)
     create_app(rt.settings)  # the current app: follow-up tasks are sent through it
     ctx = open_context(rt.settings)
-    client = connect_redis(rt.settings.redis_url or "")
+    client = redis_client(rt.settings.redis_url or "")
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     worker = Intake(ctx, client, tasks.enqueue_followups, consumer=consumer)
@@ -881,10 +882,11 @@ def changes(since: int, follow: bool, limit: int) -> None:
 
 def read_queue_depths(settings: Settings) -> dict[str, int]:
     """Messages waiting per Celery queue, unacked deliveries, and the intake stream's length."""
-    from worker.intake import connect_redis, resolve_stream_key
+    from worker.intake import resolve_stream_key
     from worker.metrics import QUEUES
+    from worker.politeness import redis_client
 
-    client = connect_redis(settings.redis_url or "")
+    client = redis_client(settings.redis_url or "")
     try:
         depths = {queue: int(client.llen(settings.redis_prefix + queue)) for queue in QUEUES}
         # kombu's redis transport parks delivered-but-unacked messages in this hash.

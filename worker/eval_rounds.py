@@ -12,9 +12,7 @@ from datetime import date
 from pathlib import Path
 
 from worker.classify import classify_article, compose_document, load_knowledge
-from worker.rounds import Round, link_rounds, load_seed_rounds
-
-SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
+from worker.rounds import SEED_ROUNDS, Round, link_rounds, load_seed_rounds
 
 
 @dataclass(frozen=True)

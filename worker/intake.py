@@ -48,13 +48,6 @@ def resolve_stream_key(settings: Settings) -> str:
     return settings.redis_prefix + settings.intake_stream
 
 
-def connect_redis(url: str) -> redis.Redis:
-    """A redis-py client for talkwire's REDIS_URL (kombu's redis+socket:// is a unix socket)."""
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url)
-
-
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     """Create the consumer group (and the stream) unless they exist."""
     try:

@@ -144,12 +144,12 @@ class StateCollector:
     def _collect_queues(self, up: Any) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from worker.intake import connect_redis
+        from worker.politeness import redis_client
 
         depth = GaugeMetricFamily("talkwire_queue_depth", "Messages waiting in a Celery queue",
                                   labels=["queue"])
         try:
-            client = connect_redis(self.redis_url)
+            client = redis_client(self.redis_url)
             try:
                 for queue in QUEUES:
                     depth.add_metric([queue], client.llen(self.redis_prefix + queue))

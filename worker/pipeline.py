@@ -51,6 +51,7 @@ from worker.poll import (
 )
 from worker.rounds import (
     LINKER_VERSION,
+    SEED_ROUNDS,
     Round,
     RoundProposal,
     link_rounds,
@@ -58,8 +59,6 @@ from worker.rounds import (
     new_round_id,
 )
 from worker.types import Article, FetchLimits, Page
-
-SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 
 _LOG = logging.getLogger("talkwire.pipeline")
 

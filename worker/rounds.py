@@ -26,6 +26,8 @@ from worker.classify import Classification, Evidence, RoundMention
 
 LINKER_VERSION = "rounds-2026.11.1"
 CUES_PATH = Path(__file__).resolve().parent.parent / "seeds" / "knowledge" / "rounds.toml"
+# The calendar of rounds the service ships (read by load_seed_rounds).
+SEED_ROUNDS = Path(__file__).resolve().parent.parent / "seeds" / "rounds.csv"
 
 RELATION_OF = {"current": "about", "earlier": "refers_to", "upcoming": "announces"}
 LINKED_LABELS = frozenset({"talks", "related"})

@@ -26,8 +26,9 @@ from worker import store, tasks
 from worker.celery_app import create_app
 from worker.config import load_settings
 from worker.contracts import decode_message
-from worker.intake import Intake, connect_redis, ensure_group
+from worker.intake import Intake, ensure_group
 from worker.pipeline import open_context
+from worker.politeness import redis_client
 
 DOC = (Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "documents" /
        "geneva4-ar.html").read_text(encoding="utf-8")
@@ -60,8 +61,8 @@ def bench_validation(n: int) -> None:
 def bench_intake(settings: object, n: int) -> None:
     ctx = open_context(settings)  # type: ignore[arg-type]
     create_app(settings)  # type: ignore[arg-type]
-    client = connect_redis(settings.redis_url)  # type: ignore[attr-defined]
-    intake = Intake(ctx, client, tasks.enqueue_articles, consumer="bench")
+    client = redis_client(settings.redis_url)  # type: ignore[attr-defined]
+    intake = Intake(ctx, client, tasks.enqueue_followups, consumer="bench")
     ensure_group(client, intake.stream, intake.group)
     with client.pipeline(transaction=False) as pipe:
         for i in range(n):
@@ -128,7 +129,7 @@ def main() -> None:
         for writers in (1, 4):
             bench_changes(url, args.changes, writers)
     finally:
-        client = connect_redis(redis_url)
+        client = redis_client(redis_url)
         for key in client.scan_iter(match=prefix + "*"):
             client.delete(key)
         client.close()

@@ -481,9 +481,9 @@ def main() -> None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     sql.Identifier(db_name)))
-            from worker.intake import connect_redis
+            from worker.politeness import redis_client
 
-            client = connect_redis(redis_url)
+            client = redis_client(redis_url)
             keys = list(client.scan_iter(match=f"twbench-{run_id}:*", count=1000))
             if keys:
                 client.delete(*keys)

@@ -30,7 +30,8 @@ from worker.celery_app import create_app
 from worker.config import Settings
 from worker.contracts import InvalidMessage
 from worker.demo import SiteServer
-from worker.intake import connect_redis, resolve_stream_key
+from worker.intake import resolve_stream_key
+from worker.politeness import redis_client
 from worker.producer import submit_document, submit_url
 
 EXAMPLES = REPO / "docs" / "examples"
@@ -70,7 +71,7 @@ def app(settings: Settings) -> Celery:
 
 @pytest.fixture()
 def rstream(settings: Settings) -> Iterator[tuple[redis.Redis, str]]:
-    client = connect_redis(settings.redis_url or "")
+    client = redis_client(settings.redis_url or "")
     yield client, resolve_stream_key(settings)
     client.close()
 
