@@ -188,23 +188,25 @@ def add_version(conn: psycopg.Connection, owner_id: int, *, page: Page, article:
 def find_matches(conn: psycopg.Connection, article_id: int, text: str, title: str | None,
                  signature: dedup.Signature) -> list[Match]:
     """Stored articles this text copies exactly, nearly, or updates; best first."""
-    exact_ids = store.find_exact_copies(conn, signature.fingerprint, exclude_id=article_id,
-                                        limit=MAX_CANDIDATES)
+    exact = store.find_exact_copies(conn, signature.fingerprint, exclude_id=article_id,
+                                    limit=MAX_CANDIDATES)
+    if exact:
+        # The same text was filed before: it was compared then with every candidate this one
+        # would meet (and each later text compared itself with it), so its story is this
+        # one's. Comparing again would re-read and re-shingle up to MAX_CANDIDATES bodies for
+        # every copy of a wire story (ops/bench pipeline --articles 10000).
+        return [Match(cand_id, story_id, "exact", 1.0, {"fingerprint": signature.fingerprint})
+                for cand_id, story_id in exact]
     banded = store.find_band_candidates(conn, signature.band_keys, exclude_id=article_id,
                                         limit=MAX_CANDIDATES)
     shared = dict(banded)
-    ids = list(dict.fromkeys([*exact_ids, *shared]))
-    if not ids:
+    if not shared:
         return []
     shingles = dedup.shingle_words(dedup.body_words(text, title))
     matches: list[Match] = []
-    for cand in store.get_candidate_texts(conn, ids):
+    for cand in store.get_candidate_texts(conn, list(shared)):
         if cand.story_id is None:
             continue  # stored before dedup existed; a backfill files it
-        if cand.id in exact_ids:
-            matches.append(Match(cand.id, cand.story_id, "exact", 1.0,
-                                 {"fingerprint": signature.fingerprint}))
-            continue
         sim = dedup.compare_texts(shingles, cand.body, cand.title)
         method = dedup.classify_match(sim)
         if method is not None:

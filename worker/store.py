@@ -321,7 +321,11 @@ def record_poll_success(conn: psycopg.Connection, feed_id: int, *, slot: int, st
         " title = COALESCE(title, %(title)s), site_url = COALESCE(site_url, %(site)s),"
         " last_reason = NULL, last_error = NULL, consecutive_failures = 0,"
         " interval_seconds = %(interval)s, interval_reason = %(why)s,"
-        " next_poll_at = now() + make_interval(secs => %(next)s),"
+        # Fixed rate: the next poll is due an interval after this one was claimed, so the
+        # time spent waiting for a beat tick and polling does not stretch every interval;
+        # never sooner than half an interval from now (after a long deferral, say).
+        " next_poll_at = GREATEST(COALESCE(claimed_at, now()) + make_interval(secs => %(next)s),"
+        "   now() + make_interval(secs => %(next)s / 2.0)),"
         " claimed_at = NULL, poll_started_at = NULL,"
         " last_polled_at = now(), last_success_at = now(),"
         " last_full_fetch_at = CASE WHEN %(full)s THEN now() ELSE last_full_fetch_at END,"
@@ -1083,14 +1087,15 @@ def move_entries(conn: psycopg.Connection, from_article_id: int, to_article_id: 
 
 
 def find_exact_copies(conn: psycopg.Connection, fingerprint: str, *, exclude_id: int,
-                      limit: int) -> list[int]:
-    """Stored articles whose normalized text has this fingerprint, oldest first."""
+                      limit: int) -> list[tuple[int, int]]:
+    """(article id, story id) of filed articles whose normalized text has this fingerprint,
+    oldest first."""
     rows = conn.execute(
-        "SELECT id FROM articles WHERE fingerprint = %s AND state = 'stored' AND id <> %s"
-        " ORDER BY id LIMIT %s",
+        "SELECT id, story_id FROM articles WHERE fingerprint = %s AND state = 'stored'"
+        " AND story_id IS NOT NULL AND id <> %s ORDER BY id LIMIT %s",
         (fingerprint, exclude_id, limit),
     ).fetchall()
-    return [int(r[0]) for r in rows]
+    return [(int(r[0]), int(r[1])) for r in rows]
 
 
 def find_band_candidates(conn: psycopg.Connection, band_keys: Sequence[int], *,

@@ -4,6 +4,7 @@ commit. Task names are a public contract: producers send them by name.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -34,6 +35,10 @@ def get_context() -> pipeline.Context:
     if _CONTEXT is None or _CONTEXT_PID != os.getpid():
         _CONTEXT = pipeline.open_context(current_app.talkwire_settings)  # type: ignore[attr-defined]
         _CONTEXT_PID = os.getpid()
+        # Everything loaded so far (Celery, the knowledge, compiled patterns) lives as long as
+        # the process: out of the collector's sight, each collection during extraction scans
+        # only the work's own objects (ops/bench pipeline: GC time per page down about 4x).
+        gc.freeze()
     return _CONTEXT
 
 

@@ -7,8 +7,8 @@
    worker on the poll queue, Redis, Postgres) ingests ARTICLES pages listed in feeds served
    on 127.0.0.1, from the first dispatch to the last committed row. Worker RSS is sampled
    all along (psutil) against the number of articles finished.
-3. Latency, not saturated: entries appear in feeds at a quarter of the measured throughput;
-   beat polls the feeds every POLL_INTERVAL seconds. For each entry: time from appearing in
+3. Latency, not saturated: entries appear at a quarter of the measured throughput, dealt
+   round-robin over LATENCY_FEEDS feeds; beat polls each feed every POLL_INTERVAL seconds. For each entry: time from appearing in
    its feed to its row being committed (articles.stored_at), minus the poll interval.
 
 Pages: the 181 pages of ../shared/eval-data/article_extraction_benchmark when present, else
@@ -197,13 +197,14 @@ class Site:
 
 
 def add_articles(site: Site, routes: dict[str, Callable[..., None]], group: str, count: int,
-                 release: Callable[[int], float], entries_per_feed: int) -> list[str]:
-    """Register `count` pages under /group/ and feeds listing them; return the feed paths."""
+                 release: Callable[[int], float], feed_of: Callable[[int], int]) -> list[str]:
+    """Register `count` pages under /group/ and feeds listing them (article i in feed
+    feed_of(i)); return the feed paths."""
     feed_paths: list[str] = []
     for i in range(count):
         path = f"{group}/{i}.html"
         routes[path] = site.page_route(i)
-        feed = f"feeds/{group}-{i // entries_per_feed}.xml"
+        feed = f"feeds/{group}-{feed_of(i)}.xml"
         if feed not in site.feeds:
             site.feeds[feed] = []
             routes[feed] = site.feed_route(feed)
@@ -253,7 +254,7 @@ def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 90) ->
 
 
 def count_done(conn: psycopg.Connection, prefix: str) -> int:
-    """Articles under a URL prefix that are no longer pending."""
+    """Articles whose URL starts with prefix (a LIKE pattern) that are no longer pending."""
     row = conn.execute("SELECT count(*) FROM articles WHERE state <> 'pending' AND url LIKE %s",
                        (prefix + "%",)).fetchone()
     return int(row[0]) if row else 0
@@ -317,6 +318,8 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=0,
                         help="articles for the throughput run (default: one per page)")
     parser.add_argument("--latency-articles", type=int, default=120)
+    parser.add_argument("--latency-feeds", type=int, default=10,
+                        help="feeds the latency run's entries are spread over")
     parser.add_argument("--poll-interval", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
                         help="prefork children, and bare extraction processes")
@@ -352,7 +355,7 @@ def main() -> None:
     env = {
         "DATABASE_URL": database_url, "REDIS_URL": redis_url,
         "TALKWIRE_REDIS_PREFIX": f"twbench-{run_id}:", "TALKWIRE_DATA_DIR": str(work / "data"),
-        "TALKWIRE_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "TALKWIRE_DEMO": "false",
+        "TALKWIRE_FETCH_ALLOW_NETWORKS": "127.0.0.0/8", "TALKWIRE_DEMO": "false",
         "TALKWIRE_POLL_INTERVAL_MIN": poll, "TALKWIRE_POLL_INTERVAL_DEFAULT": poll,
         "TALKWIRE_POLL_INTERVAL_MAX": poll, "TALKWIRE_BEAT_INTERVAL": "0.5",
         "TALKWIRE_METRICS_PORT": "0", "TALKWIRE_BEAT_METRICS_PORT": "0",
@@ -374,10 +377,15 @@ def main() -> None:
     warm_pages = [p.read_bytes() for p in sorted(FALLBACK_DIRS[0].glob("*.html"))]
     warm_site = Site(warm_pages)
     warm_feeds = add_articles(warm_site, routes, "warm", len(warm_pages), lambda i: 0.0,
-                              ENTRIES_PER_FEED)
+                              lambda i: i // ENTRIES_PER_FEED)
     site.feeds.update(warm_site.feeds)
-    tput_feeds = add_articles(site, routes, "t", articles, lambda i: 0.0, ENTRIES_PER_FEED)
+    tput_feeds = add_articles(site, routes, "t", articles, lambda i: 0.0,
+                              lambda i: i // ENTRIES_PER_FEED)
     server = serve_site(work, routes=routes)
+    # The latency run's outlets: one server per feed on its own loopback address, so each
+    # feed is a host of its own to the per-host politeness limits, as outlets are.
+    outlets = [serve_site(work, host=f"127.0.0.{2 + k}", routes=routes)
+               for k in range(args.latency_feeds)]
     base = server.base_url
 
     logs = work / "logs"
@@ -446,14 +454,21 @@ def main() -> None:
             # --- 3. latency, not saturated -------------------------------------------------
             lat_rate = max(1.0, rate / 4)
             t0 = time.time() + 2
+            # Stories arrive across many outlets: entry i goes to feed i mod --latency-feeds,
+            # and each feed is polled on its own clock.
             lat_feeds = add_articles(site, routes, "l", args.latency_articles,
                                      lambda i: t0 + i / lat_rate,
-                                     math.ceil(args.latency_articles / 4))
+                                     lambda i: i % args.latency_feeds)
             beat = spawn(env, ["beat"], logs / "beat.log")
             procs.append(beat)
-            for feed in lat_feeds:
-                store.add_feed(conn, f"{base}/{feed}", interval_seconds=args.poll_interval)
-            while count_done(conn, f"{base}/l/") < args.latency_articles:
+            for k, feed in enumerate(lat_feeds):
+                added = store.add_feed(conn, f"{outlets[k].base_url}/{feed}",
+                                       interval_seconds=args.poll_interval)
+                # Outlets' polls are spread over the interval, as feeds added at different
+                # times are, rather than all falling due on the same tick.
+                conn.execute("UPDATE feeds SET next_poll_at = now() + make_interval(secs => %s)"
+                             " WHERE id = %s", (k * args.poll_interval / len(lat_feeds), added.id))
+            while count_done(conn, "http://127.0.0.%/l/") < args.latency_articles:
                 if time.time() > t0 + args.latency_articles / lat_rate + 120:
                     print("latency run did not finish; figures below cover what did")
                     break
@@ -461,13 +476,13 @@ def main() -> None:
             rows = conn.execute(
                 "SELECT a.url, extract(epoch FROM a.stored_at), extract(epoch FROM e.first_seen_at)"
                 " FROM articles a JOIN entries e ON e.article_id = a.id"
-                " WHERE a.url LIKE %s AND a.state = 'stored'", (f"{base}/l/%",)).fetchall()
-            appear = [float(stored) - site.released[url.removeprefix(base + "/")]
+                " WHERE a.url LIKE %s AND a.state = 'stored'", ("http://127.0.0.%/l/%",)).fetchall()
+            appear = [float(stored) - site.released[urlsplit(url).path.lstrip("/")]
                       for url, stored, _ in rows]
             seen = [float(stored) - float(first) for _, stored, first in rows]
             beyond = [a - args.poll_interval for a in appear]
-            print(f"latency at {lat_rate:.1f} articles/s ({len(rows)} stored), poll interval "
-                  f"{args.poll_interval} s, beat every 0.5 s:")
+            print(f"latency at {lat_rate:.1f} articles/s over {len(lat_feeds)} feeds ({len(rows)} "
+                  f"stored), poll interval {args.poll_interval} s, beat every 0.5 s:")
             print(f"  feed entry appears -> row committed, minus poll interval: "
                   f"p50 {statistics.median(beyond):+.2f} s, p95 {percentile(beyond, 0.95):+.2f} s "
                   "(target p95 <= 1 s)")
@@ -476,7 +491,8 @@ def main() -> None:
             print_breakdown(settings, base, routes, site, min(articles, len(pages)))
     finally:
         stop(procs)
-        server.close()
+        for site_server in (server, *outlets):
+            site_server.close()
         if not args.keep:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(

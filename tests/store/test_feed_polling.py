@@ -126,3 +126,29 @@ def test_items_per_day_ignore_the_backlog_a_first_poll_finds(db: psycopg.Connect
                                                published=NOW - timedelta(days=1)) for i in range(14)])
     (summary,) = store.summarize_feeds(db)
     assert summary.items_per_day == 2.0
+
+
+def _succeed(db: psycopg.Connection, feed_id: int, slot: int, next_in: int) -> float:
+    """Record a plain 200 for a slot; return seconds from now to the next poll."""
+    assert store.record_poll_success(
+        db, feed_id, slot=slot, status=200, etag=None, last_modified=None, body_hash="h",
+        parsed=True, title=None, site_url=None, ttl_seconds=None, interval_seconds=next_in,
+        interval_reason="default", next_poll_in=next_in, moved_to=None, full_fetch=True)
+    return db.execute("SELECT extract(epoch FROM next_poll_at - now()) FROM feeds WHERE id = %s",
+                      (feed_id,)).fetchone()[0]  # type: ignore[index]
+
+
+def test_polls_keep_a_fixed_rate_whatever_the_poll_took(db: psycopg.Connection) -> None:
+    feed = store.add_feed(db, "http://wire.example/rss", interval_seconds=300)
+    (claimed,) = store.claim_due_feeds(db, limit=10, lease_seconds=60)
+    # Claimed 40 s ago (a wait for the host, a slow server): the next poll is due 300 s after
+    # the claim, not 300 s after the answer, so the feed's rhythm does not drift.
+    db.execute("UPDATE feeds SET claimed_at = now() - interval '40 seconds' WHERE id = %s",
+               (feed.id,))
+    assert 259 <= _succeed(db, feed.id, claimed.poll_slot, 300) <= 261
+    # After a very long deferral the next poll still keeps half an interval's distance.
+    db.execute("UPDATE feeds SET next_poll_at = now() WHERE id = %s", (feed.id,))
+    (again,) = store.claim_due_feeds(db, limit=10, lease_seconds=60)
+    db.execute("UPDATE feeds SET claimed_at = now() - interval '280 seconds' WHERE id = %s",
+               (feed.id,))
+    assert 149 <= _succeed(db, feed.id, again.poll_slot, 300) <= 151
