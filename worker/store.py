@@ -1210,14 +1210,16 @@ def set_article_story(conn: psycopg.Connection, article_id: int, story_id: int) 
 
 def merge_story(conn: psycopg.Connection, story_id: int, into_story_id: int) -> int:
     """Move every member of a story into another and mark it merged; return members moved."""
-    cur = conn.execute("UPDATE articles SET story_id = %s WHERE story_id = %s",
-                       (into_story_id, story_id))
+    # Counted from RETURNING rather than rowcount, which pipeline mode leaves unset.
+    row = conn.execute("WITH moved AS (UPDATE articles SET story_id = %s WHERE story_id = %s"
+                       " RETURNING 1) SELECT count(*) FROM moved",
+                       (into_story_id, story_id)).fetchone()
     conn.execute("UPDATE stories SET merged_into = %s, member_count = 0, updated_at = now()"
                  " WHERE id = %s", (into_story_id, story_id))
     # Stories merged into this one earlier now point at the survivor too.
     conn.execute("UPDATE stories SET merged_into = %s WHERE merged_into = %s",
                  (into_story_id, story_id))
-    return cur.rowcount
+    return int(row[0]) if row else 0
 
 
 def count_story_members(conn: psycopg.Connection, story_id: int) -> int:
