@@ -160,6 +160,8 @@ SHORT_VISIBILITY = {
     "TALKWIRE_UNACKED_RESTORE_INTERVAL": "1",
     # A poll deferred for its host is held unacked this long; it must fit in the visibility.
     "TALKWIRE_HOST_MAX_WAIT": "0.5",
+    # A send backing off on a full Redis comes after the fetch, inside the soft limit too.
+    "TALKWIRE_PUBLISH_BACKOFF_MAX": "1",
 }
 
 
