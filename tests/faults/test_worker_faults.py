@@ -19,7 +19,9 @@ from kombu.exceptions import KombuError
 from tests.conftest import WorkerProcess, purge_redis, wait_for
 from tests.e2e.test_metrics import free_port, sample, scrape
 from tests.e2e.test_polling import Site, rss
+from tests.faults import hostile
 from tests.faults.conftest import (
+    article_row,
     count_doubled,
     count_states,
     kill_children,
@@ -100,6 +102,62 @@ def test_pool_children_are_recycled_above_the_memory_limit(
              "the pool child to be replaced")
     record("9 child recycled above max memory", "stored; child replaced", expected=2,
            stored=2, peak_mb=peak_rss_mb(worker))
+
+
+# --- 9. extraction that outruns the soft time limit -----------------------------------------
+
+# A soft limit of 3 s (the fetch deadline and the publish backoff fit under it, as the config
+# demands) and a hard limit far above it, so a page is cut by the soft limit, never killed.
+SHORT_SOFT_LIMIT = {
+    "TALKWIRE_FETCH_DEADLINE": "2", "TALKWIRE_PUBLISH_BACKOFF_MAX": "0.5",
+    "TALKWIRE_TASK_SOFT_TIME_LIMIT": "3", "TALKWIRE_TASK_TIME_LIMIT": "20",
+    "TALKWIRE_MAX_RETRIES": "1", "TALKWIRE_RETRY_BACKOFF_MAX": "1",
+}
+
+
+def test_a_page_that_always_outruns_the_soft_limit_fails_as_time_limit(
+        db: psycopg.Connection, hostile_site: SiteServer, app: Celery,
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    worker = spawn(SHORT_SOFT_LIMIT, concurrency=1)
+    worker.wait_ready()
+    child = set(worker_children(worker))
+    [article_id] = send_articles(app, db, [hostile_site.url("html/sections")])
+    wait_for(lambda: count_states(db) == {"failed": 1}, 90, "the heavy page to fail")
+    row = article_row(db, article_id)
+    # The first try and one retry (max_retries 1) each overran; then it was given up.
+    assert (row["state"], row["fail_reason"], row["attempts"]) == ("failed", "time_limit", 2)
+    assert "soft time limit of 3 s" in str(row["fail_detail"])
+    assert worker.output().count('"reason": "time_limit"') == 2  # one retry, one failure
+    # Cut by the soft limit, not killed by the hard one: the same pool child lives on...
+    assert "TimeLimitExceeded" not in worker.output().replace("SoftTimeLimitExceeded", "")
+    assert set(worker_children(worker)) == child
+    # ...and stores the next page.
+    started = time.monotonic()
+    send_articles(app, db, [hostile_site.url("ok/fr.html")])
+    wait_for(lambda: count_states(db) == {"failed": 1, "stored": 1}, 30, "the next page")
+    record("9 extraction outruns the soft limit every time (3 s)",
+           "time_limit after 2 attempts; next page stored", expected=1, stored=1,
+           recover_s=time.monotonic() - started, peak_mb=peak_rss_mb(worker))
+
+
+def test_a_page_that_outruns_the_soft_limit_once_is_stored_on_its_retry(
+        db: psycopg.Connection, hostile_site: SiteServer, hits: hostile.Hits, app: Celery,
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    worker = spawn(SHORT_SOFT_LIMIT, concurrency=1)
+    worker.wait_ready()
+    before = last_change(db)
+    # Served heavy on its first request only, as a page on a busy machine overruns once.
+    started = time.monotonic()
+    [article_id] = send_articles(app, db, [hostile_site.url("html/sections-once")])
+    wait_for(lambda: count_states(db) == {"stored": 1}, 60, "the page on its retry")
+    stored_after = time.monotonic() - started
+    row = article_row(db, article_id)
+    assert (row["state"], row["attempts"]) == ("stored", 2)
+    assert hits.paths.count("html/sections-once") == 2
+    assert worker.output().count('"reason": "time_limit"') == 1  # the retry, nothing more
+    assert stored_once(db, before) == (1, 1)
+    record("9 extraction outruns the soft limit once (3 s)", "retried; stored once",
+           expected=1, stored=1, recover_s=stored_after, peak_mb=peak_rss_mb(worker))
 
 
 # --- 10. a SIGKILLed pool child -------------------------------------------------------------
