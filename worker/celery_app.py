@@ -14,8 +14,6 @@ from redis.exceptions import OutOfMemoryError
 from worker.config import Settings
 from worker.logs import log_outcome
 
-T = TypeVar("T")
-
 POLL_QUEUE = "poll"
 PROCESS_QUEUE = "process"
 # The public queue producers send talkwire.ingest_url / talkwire.ingest_document to (issue 7).
@@ -93,6 +91,8 @@ PUBLISH_INTERVAL_START = 0.25
 PUBLISH_INTERVAL_STEP = 0.5
 PUBLISH_INTERVAL_MAX = 4.0
 
+T = TypeVar("T")
+
 
 class BrokerFull(Exception):
     """Redis refused a publish for want of memory; the refusal, as kombu raised it, is the
@@ -105,7 +105,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
     while link is not None and id(link) not in seen:
         seen.add(id(link))
         yield link
-        link = link.__cause__ or link.__context__
+        link = link.__cause__  # explicit wrapping only (`raise ... from`), as kombu does it
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -146,7 +146,7 @@ def publish_with_backoff(send: Callable[[], T], *, bound: float, task: str,
         return seconds
 
     try:
-        if bound <= 0:
+        if bound <= 0:  # kombu reads a timeout of 0 as "no limit"
             return attempt()
         return retry_over_time(attempt, BrokerFull, errback=wait, timeout=bound,
                                interval_start=PUBLISH_INTERVAL_START,
