@@ -21,6 +21,7 @@ from kombu.exceptions import ContentDisallowed
 from worker import pipeline, store
 from worker.celery_app import POLL_QUEUE, PROCESS_QUEUE, publish_with_backoff
 from worker.contracts import InvalidMessage, sniff_producer
+from worker.errors import Overrun
 from worker.logs import log_outcome
 
 _LOG = logging.getLogger("talkwire.intake")
@@ -192,6 +193,9 @@ def poll_feeds(self: Task, claims: object) -> None:
 @shared_task(name="talkwire.process_article", bind=True, max_retries=None)
 def process_article(self: Task, article_id: object) -> None:
     """Fetch, extract and store one article; retry transient failures with backoff."""
+    # Celery's soft limit counts from here; the pipeline checks this clock too (Overrun).
+    settings = current_app.talkwire_settings  # type: ignore[attr-defined]
+    deadline = time.monotonic() + settings.task_soft_time_limit
     aid = _message_id(article_id)
     if aid is None:
         log_outcome("process", "failed", reason="malformed_message", payload=repr(article_id)[:200])
@@ -199,10 +203,10 @@ def process_article(self: Task, article_id: object) -> None:
     ctx = get_context()
     final = self.request.retries >= ctx.settings.max_retries
     try:
-        outcome = pipeline.process_article(ctx, aid, final_attempt=final)
+        outcome = pipeline.process_article(ctx, aid, final_attempt=final, deadline=deadline)
     except psycopg.OperationalError as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
-    except SoftTimeLimitExceeded:
+    except (SoftTimeLimitExceeded, Overrun):
         # trafilatura has no in-process timeout: an overrun is retried like a transient
         # failure, and fails as time_limit once the retries are used up.
         if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":

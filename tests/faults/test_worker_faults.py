@@ -28,10 +28,11 @@ from tests.faults.conftest import (
     peak_rss_mb,
     worker_children,
 )
-from worker import store
+from worker import pipeline, store
 from worker.celery_app import POLL_QUEUE, create_app, is_out_of_memory
 from worker.config import Settings
 from worker.demo import SiteServer
+from worker.errors import Overrun
 from worker.tasks import enqueue_articles
 
 
@@ -152,12 +153,25 @@ def test_a_page_that_outruns_the_soft_limit_once_is_stored_on_its_retry(
     wait_for(lambda: count_states(db) == {"stored": 1}, 60, "the page on its retry")
     stored_after = time.monotonic() - started
     row = article_row(db, article_id)
-    assert (row["state"], row["attempts"]) == ("stored", 2)
+    assert (row["state"], row["attempts"]) == ("stored", 2), (row, worker.output()[-5000:])
     assert hits.paths.count("html/sections-once") == 2
     assert worker.output().count('"reason": "time_limit"') == 1  # the retry, nothing more
     assert stored_once(db, before) == (1, 1)
     record("9 extraction outruns the soft limit once (3 s)", "retried; stored once",
            expected=1, stored=1, recover_s=stored_after, peak_mb=peak_rss_mb(worker))
+
+
+def test_an_extraction_that_ends_past_the_soft_limit_is_not_stored_late(
+        db: psycopg.Connection, hostile_site: SiteServer, ctx: pipeline.Context) -> None:
+    # The soft limit's signal can be lost (raised inside a __del__, Python drops it, as the
+    # cases above met now and then); the pipeline reads the task's clock again instead.
+    article_id = store.add_article_url(db, hostile_site.url("ok/fr.html"), origin="cli")[0]
+    with pytest.raises(Overrun):
+        pipeline.process_article(ctx, article_id, deadline=time.monotonic())
+    assert article_row(db, article_id)["state"] == "pending"  # nothing stored late
+    assert pipeline.end_overrun_article(ctx, article_id, final_attempt=True) == "failed"
+    row = article_row(db, article_id)
+    assert (row["state"], row["fail_reason"]) == ("failed", "time_limit")
 
 
 # --- 10. a SIGKILLed pool child -------------------------------------------------------------
