@@ -42,6 +42,9 @@ TEST_ENV = {
     "TALKWIRE_RETRY_BACKOFF_MAX": "4",
     "TALKWIRE_FETCH_DEADLINE": "8",
     "TALKWIRE_MAX_RETRIES": "2",
+    # A send into a full Redis waits this long at most; it also keeps a poll batch's start
+    # budget (soft limit - fetch deadline - this - 5 s) at 12 s instead of 1 s.
+    "TALKWIRE_PUBLISH_BACKOFF_MAX": "5",
     "TALKWIRE_BEAT_INTERVAL": "1",
     "TALKWIRE_SWEEP_INTERVAL": "1",
     "TALKWIRE_POLL_INTERVAL_MIN": "1",

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=150, ge=1)
     max_retries: int = Field(default=8, ge=0)
     retry_backoff_max: int = Field(default=600, ge=1)
+    # Seconds a task may spend backing off while Redis refuses a publish for want of memory
+    # (maxmemory with noeviction, issue 8); then it gives up and the sweeper resends. It
+    # comes on top of a fetch, so with the fetch deadline it must fit the soft limit (checked).
+    publish_backoff_max: float = Field(default=20.0, ge=0)
     # An article leased more often than this is quarantined as poison_message (a dead letter
     # and a failed row): a page that kills its worker every time (OOM, hard time limit) would
     # otherwise be redelivered for ever (issue 8). Leases count retries too, so it must
@@ -151,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError("TALKWIRE_TASK_TIME_LIMIT must exceed TALKWIRE_TASK_SOFT_TIME_LIMIT")
         if self.fetch_deadline >= self.task_soft_time_limit:
             raise ValueError("TALKWIRE_FETCH_DEADLINE must be below TALKWIRE_TASK_SOFT_TIME_LIMIT")
+        if self.fetch_deadline + self.publish_backoff_max >= self.task_soft_time_limit:
+            raise ValueError(
+                "TALKWIRE_FETCH_DEADLINE plus TALKWIRE_PUBLISH_BACKOFF_MAX must stay below "
+                "TALKWIRE_TASK_SOFT_TIME_LIMIT; a task that fetched and then backs off on a "
+                "full Redis would otherwise outrun its soft limit")
         longest = max(self.task_time_limit, self.retry_backoff_max, self.lease_seconds)
         if self.visibility_timeout <= longest:
             raise ValueError(

@@ -32,5 +32,13 @@ class Transient(TalkwireError):
         self.retry_after = retry_after
 
 
+class Overrun(TalkwireError):
+    """Work ended past the task's soft time limit although the limit's signal never arrived
+    (Python drops an exception raised inside a `__del__`); handled like the limit itself."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("time_limit", detail)
+
+
 class ConfigError(Exception):
     """A setting is missing or invalid; raised at start, never at run time."""

@@ -53,5 +53,5 @@ def log_outcome(stage: str, outcome: str, *, started: float | None = None, **key
         fields["duration_ms"] = round(duration * 1000, 1)
     # One outcome, one log line, one counter increment (STYLE.md habits).
     count_outcome(stage, outcome, duration, keys)
-    level = logging.WARNING if outcome in {"failed", "retry"} else logging.INFO
+    level = logging.WARNING if outcome in {"failed", "retry", "backoff", "gave_up"} else logging.INFO
     _LOG.log(level, f"{stage} {outcome}", extra=fields)

@@ -43,6 +43,7 @@ class Instruments:
     dedup: Any
     labels: Any
     dead_letters: Any
+    publish_refusals: Any
 
 
 @cache
@@ -62,6 +63,10 @@ def get_instruments() -> Instruments:
         labels=Counter("talkwire_labels_total", "Stored articles, by label", ["label"]),
         dead_letters=Counter("talkwire_dead_letters_total", "Producer messages dead-lettered",
                              ["reason"]),
+        publish_refusals=Counter("talkwire_publish_refusals_total",
+                                 "Publishes Redis refused for want of memory, by what followed "
+                                 "(backoff: waited and tried again; gave_up: raised)",
+                                 ["outcome"]),
     )
 
 
@@ -75,6 +80,8 @@ def count_outcome(stage: str, outcome: str, duration: float | None,
         m.durations.labels(stage).observe(duration)
     if stage == "process":
         m.articles.labels(outcome, reason).inc()
+    if stage == "publish":
+        m.publish_refusals.labels(outcome).inc()
     if outcome == "dead_letter":
         m.dead_letters.labels(reason).inc()
     if keys.get("method") and outcome in {"stored", "duplicate", "version", "unchanged"}:

@@ -35,7 +35,7 @@ from worker.contracts import (
     decode_message,
     encode_payload,
 )
-from worker.errors import Permanent, Transient
+from worker.errors import Overrun, Permanent, Transient
 from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
 from worker.logs import log_outcome
@@ -308,8 +308,12 @@ def _record_failure(ctx: Context, feed: store.FeedRow, slot: int, exc: Permanent
     return PollOutcome(feed.id, "failed", reason=exc.reason)
 
 
-def process_article(ctx: Context, article_id: int, *, final_attempt: bool = False) -> ProcessOutcome:
-    """Fetch, extract and store one pending article; a transient failure asks for a retry."""
+def process_article(ctx: Context, article_id: int, *, final_attempt: bool = False,
+                    deadline: float | None = None) -> ProcessOutcome:
+    """Fetch, extract and store one pending article; a transient failure asks for a retry.
+
+    With a `deadline` (time.monotonic()), an extraction that ends past it raises Overrun
+    and nothing is stored."""
     started = time.monotonic()
     with ctx.pool.connection() as conn:
         row = store.lease_article(conn, article_id, lease_seconds=ctx.settings.lease_seconds)
@@ -336,6 +340,12 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
                          accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
         article = extract_article(page)
         signature = dedup.sign_text(article.text, article.title)
+        if deadline is not None and time.monotonic() > deadline:
+            # The soft limit's signal can be lost: raised inside a `__del__` (trafilatura's
+            # regex objects have one), Python reports and drops it. The clock is read again
+            # so a late extraction ends as time_limit, as the signal would have (issue 8).
+            raise Overrun(f"extraction ended {time.monotonic() - deadline:.1f} s past the "
+                          "soft time limit")
     except Transient as exc:
         with ctx.pool.connection() as conn:
             if final_attempt:
@@ -453,6 +463,12 @@ def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
                          accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
         article = extract_article(page)
         signature = dedup.sign_text(article.text, article.title)
+        if deadline is not None and time.monotonic() > deadline:
+            # The soft limit's signal can be lost: raised inside a `__del__` (trafilatura's
+            # regex objects have one), Python reports and drops it. The clock is read again
+            # so a late extraction ends as time_limit, as the signal would have (issue 8).
+            raise Overrun(f"extraction ended {time.monotonic() - deadline:.1f} s past the "
+                          "soft time limit")
     except Transient as exc:
         log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
                     started=started)

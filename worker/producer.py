@@ -16,7 +16,8 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery_app import INTAKE_QUEUE
+from worker.celery_app import INTAKE_QUEUE, publish_with_backoff
+from worker.config import Settings
 from worker.contracts import DEFAULT_MAX_BYTES, decode_message
 
 _APP: Celery | None = None
@@ -84,7 +85,12 @@ def send_message(kind: str, message: dict[str, Any], *, app: Celery | None = Non
     settings = getattr(app, "talkwire_settings", None)
     max_bytes = settings.message_max_bytes if settings is not None else DEFAULT_MAX_BYTES
     checked = decode_message(message, kind=kind, max_bytes=max_bytes)
-    result = app.send_task(f"talkwire.{kind}", args=[message], queue=INTAKE_QUEUE)
+    # A full Redis (maxmemory, noeviction) is waited out as in the workers, then raised.
+    bound = settings.publish_backoff_max if settings is not None else \
+        Settings.model_fields["publish_backoff_max"].default
+    result = publish_with_backoff(
+        lambda: app.send_task(f"talkwire.{kind}", args=[message], queue=INTAKE_QUEUE),
+        bound=bound, task=f"talkwire.{kind}")
     return Submitted(task_id=result.id, producer=checked.producer,
                      idempotency_key=checked.idempotency_key)
 

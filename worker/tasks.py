@@ -20,8 +20,9 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
 from worker import pipeline, store
-from worker.celery_app import POLL_QUEUE, PROCESS_QUEUE
+from worker.celery_app import POLL_QUEUE, PROCESS_QUEUE, publish_with_backoff
 from worker.contracts import InvalidMessage, sniff_producer
+from worker.errors import Overrun
 from worker.logs import log_outcome
 
 _LOG = logging.getLogger("talkwire.intake")
@@ -42,14 +43,25 @@ def get_context() -> pipeline.Context:
     return _CONTEXT
 
 
+def _publish_bound() -> float:
+    return current_app.talkwire_settings.publish_backoff_max  # type: ignore[attr-defined,no-any-return]
+
+
 def _send_many(name: str, arg_lists: Iterable[Sequence[object]], queue: str) -> None:
-    """Send one task per argument list through one Redis pipeline (kombu Producer.batch)."""
+    """Send one task per argument list through one Redis pipeline (kombu Producer.batch),
+    backing off while Redis is out of memory."""
     # One round trip per 500 messages instead of one each: a beat tick over 10,000 due feeds
     # spends a third less on sending. Enqueue happens after commit, so a batch lost to a
     # crash is resent by the lease (polls) or the sweeper (articles), like any lost message.
-    with current_app.producer_or_acquire() as producer, producer.batch(max_size=500):
-        for args in arg_lists:
-            current_app.send_task(name, args=args, queue=queue, producer=producer)
+    args_list = [list(args) for args in arg_lists]
+
+    def send() -> None:
+        with current_app.producer_or_acquire() as producer, producer.batch(max_size=500):
+            for args in args_list:
+                current_app.send_task(name, args=args, queue=queue, producer=producer)
+
+    if args_list:
+        publish_with_backoff(send, bound=_publish_bound(), task=name, count=len(args_list))
 
 
 def enqueue_polls(feeds: Sequence[store.FeedRow], batch: int = 1) -> None:
@@ -78,9 +90,10 @@ def batch_claims(feeds: Sequence[store.FeedRow], size: int) -> list[list[list[in
 def enqueue_poll(feed_id: int, slot: int, *, countdown: float | None = None,
                  reservation: int | None = None) -> None:
     """Send the poll of one claimed slot, now or after a countdown (a host's queue)."""
-    current_app.send_task("talkwire.poll_feed", args=[feed_id, slot],
-                          kwargs={"reservation": reservation} if reservation else None,
-                          queue=POLL_QUEUE, countdown=countdown)
+    publish_with_backoff(lambda: current_app.send_task(
+        "talkwire.poll_feed", args=[feed_id, slot],
+        kwargs={"reservation": reservation} if reservation else None,
+        queue=POLL_QUEUE, countdown=countdown), bound=_publish_bound(), task="talkwire.poll_feed")
 
 
 def enqueue_articles(article_ids: Iterable[int]) -> None:
@@ -160,8 +173,10 @@ def poll_feeds(self: Task, claims: object) -> None:
         return
     ctx = get_context()
     s = ctx.settings
-    # Start no poll that could outlive the task's soft time limit; the rest go back as a batch.
-    stop_at = time.monotonic() + max(1.0, s.task_soft_time_limit - s.fetch_deadline - 5)
+    # Start no poll that could outlive the task's soft time limit, sending included (it may
+    # back off on a full Redis); the rest go back as a batch.
+    stop_at = time.monotonic() + max(
+        1.0, s.task_soft_time_limit - s.fetch_deadline - s.publish_backoff_max - 5)
     new_ids: list[int] = []
     try:
         for n, (fid, slot) in enumerate(pairs):
@@ -183,6 +198,9 @@ def poll_feeds(self: Task, claims: object) -> None:
 @shared_task(name="talkwire.process_article", bind=True, max_retries=None)
 def process_article(self: Task, article_id: object) -> None:
     """Fetch, extract and store one article; retry transient failures with backoff."""
+    # Celery's soft limit counts from here; the pipeline checks this clock too (Overrun).
+    settings = current_app.talkwire_settings  # type: ignore[attr-defined]
+    deadline = time.monotonic() + settings.task_soft_time_limit
     aid = _message_id(article_id)
     if aid is None:
         log_outcome("process", "failed", reason="malformed_message", payload=repr(article_id)[:200])
@@ -190,10 +208,10 @@ def process_article(self: Task, article_id: object) -> None:
     ctx = get_context()
     final = self.request.retries >= ctx.settings.max_retries
     try:
-        outcome = pipeline.process_article(ctx, aid, final_attempt=final)
+        outcome = pipeline.process_article(ctx, aid, final_attempt=final, deadline=deadline)
     except psycopg.OperationalError as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
-    except SoftTimeLimitExceeded:
+    except (SoftTimeLimitExceeded, Overrun):
         # trafilatura has no in-process timeout: an overrun is retried like a transient
         # failure, and fails as time_limit once the retries are used up.
         if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
@@ -206,8 +224,7 @@ def process_article(self: Task, article_id: object) -> None:
 
 def enqueue_relinks(round_ids: Iterable[str]) -> None:
     """Send one relink task per changed round (call only after the change committed)."""
-    for round_id in round_ids:
-        current_app.send_task("talkwire.relink_round", args=[round_id], queue=PROCESS_QUEUE)
+    _send_many("talkwire.relink_round", ([r] for r in round_ids), PROCESS_QUEUE)
 
 
 @shared_task(name="talkwire.relink_round", bind=True, max_retries=None)

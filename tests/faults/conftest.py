@@ -146,6 +146,11 @@ def hostile_site(hits: hostile.Hits) -> Iterator[SiteServer]:
                                           + "<p>deep</p>" + "</div>" * 50_000).encode()),
         "html/text-20mb": h.static(h.page_html("ar", "عقدة نصية ضخمة", "<p>"
                                                + "هدنة " * 2_000_000 + "</p>").encode()),
+        # Task time limits (case 9): a page whose extraction outruns a short soft limit every
+        # time, and one that does only on its first request (a page served heavy once).
+        "html/sections": h.static(h.many_sections("en", "Sections").encode()),
+        "html/sections-once": h.first_then(h.static(h.many_sections("en", "Sections").encode()),
+                                           h.static(fr.encode())),
     }
     for path in list(routes):
         routes[path] = hits.wrap(path, routes[path])

@@ -60,6 +60,28 @@ def static(body: bytes, **kwargs: object) -> Route:
     return lambda handler, base: send(handler, body, **kwargs)  # type: ignore[arg-type]
 
 
+def many_sections(lang: str, title: str, sections: int = 12, paragraphs: int = 1900) -> str:
+    """A page of many short paragraphs in many sections: under every size and sibling cap,
+    yet trafilatura walks it in Python for seconds (about 13 s on the test machine;
+    the time grows faster than the text)."""
+    inner = "".join("<section>" + "".join(
+        f"<p>Delegates met in Geneva again, session {s}.{i}.</p>" for i in range(paragraphs))
+        + "</section>" for s in range(sections))
+    return page_html(lang, title, inner)
+
+
+def first_then(first: Route, then: Route) -> Route:
+    """A route that answers its first request with `first` and every later one with `then`."""
+    served = threading.Event()
+
+    def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
+        route = then if served.is_set() else first
+        served.set()
+        route(handler, base)
+
+    return handle
+
+
 def redirect(location: str | Callable[[str], str], status: int = 302) -> Route:
     """A route that redirects; a callable location gets the site's base URL."""
 

@@ -3,25 +3,37 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+import redis
 from celery import Celery
+from kombu.exceptions import KombuError
 
 from tests.conftest import WorkerProcess, purge_redis, wait_for
+from tests.e2e.test_metrics import free_port, sample, scrape
+from tests.e2e.test_polling import Site, rss
+from tests.faults import hostile
 from tests.faults.conftest import (
+    article_row,
     count_doubled,
     count_states,
     kill_children,
     peak_rss_mb,
     worker_children,
 )
-from worker import store
-from worker.celery_app import create_app
+from worker import pipeline, store
+from worker.celery_app import POLL_QUEUE, create_app, is_out_of_memory
 from worker.config import Settings
 from worker.demo import SiteServer
+from worker.errors import Overrun
+from worker.tasks import enqueue_articles
 
 
 @pytest.fixture()
@@ -93,6 +105,75 @@ def test_pool_children_are_recycled_above_the_memory_limit(
            stored=2, peak_mb=peak_rss_mb(worker))
 
 
+# --- 9. extraction that outruns the soft time limit -----------------------------------------
+
+# A soft limit of 3 s (the fetch deadline and the publish backoff fit under it, as the config
+# demands) and a hard limit far above it, so a page is cut by the soft limit, never killed.
+SHORT_SOFT_LIMIT = {
+    "TALKWIRE_FETCH_DEADLINE": "2", "TALKWIRE_PUBLISH_BACKOFF_MAX": "0.5",
+    "TALKWIRE_TASK_SOFT_TIME_LIMIT": "3", "TALKWIRE_TASK_TIME_LIMIT": "20",
+    "TALKWIRE_MAX_RETRIES": "1", "TALKWIRE_RETRY_BACKOFF_MAX": "1",
+}
+
+
+def test_a_page_that_always_outruns_the_soft_limit_fails_as_time_limit(
+        db: psycopg.Connection, hostile_site: SiteServer, app: Celery,
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    worker = spawn(SHORT_SOFT_LIMIT, concurrency=1)
+    worker.wait_ready()
+    child = set(worker_children(worker))
+    [article_id] = send_articles(app, db, [hostile_site.url("html/sections")])
+    wait_for(lambda: count_states(db) == {"failed": 1}, 90, "the heavy page to fail")
+    row = article_row(db, article_id)
+    # The first try and one retry (max_retries 1) each overran; then it was given up.
+    assert (row["state"], row["fail_reason"], row["attempts"]) == ("failed", "time_limit", 2)
+    assert "soft time limit of 3 s" in str(row["fail_detail"])
+    assert worker.output().count('"reason": "time_limit"') == 2  # one retry, one failure
+    # Cut by the soft limit, not killed by the hard one: the same pool child lives on...
+    assert "TimeLimitExceeded" not in worker.output().replace("SoftTimeLimitExceeded", "")
+    assert set(worker_children(worker)) == child
+    # ...and stores the next page.
+    started = time.monotonic()
+    send_articles(app, db, [hostile_site.url("ok/fr.html")])
+    wait_for(lambda: count_states(db) == {"failed": 1, "stored": 1}, 30, "the next page")
+    record("9 extraction outruns the soft limit every time (3 s)",
+           "time_limit after 2 attempts; next page stored", expected=1, stored=1,
+           recover_s=time.monotonic() - started, peak_mb=peak_rss_mb(worker))
+
+
+def test_a_page_that_outruns_the_soft_limit_once_is_stored_on_its_retry(
+        db: psycopg.Connection, hostile_site: SiteServer, hits: hostile.Hits, app: Celery,
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    worker = spawn(SHORT_SOFT_LIMIT, concurrency=1)
+    worker.wait_ready()
+    before = last_change(db)
+    # Served heavy on its first request only, as a page on a busy machine overruns once.
+    started = time.monotonic()
+    [article_id] = send_articles(app, db, [hostile_site.url("html/sections-once")])
+    wait_for(lambda: count_states(db) == {"stored": 1}, 60, "the page on its retry")
+    stored_after = time.monotonic() - started
+    row = article_row(db, article_id)
+    assert (row["state"], row["attempts"]) == ("stored", 2), (row, worker.output()[-5000:])
+    assert hits.paths.count("html/sections-once") == 2
+    assert worker.output().count('"reason": "time_limit"') == 1  # the retry, nothing more
+    assert stored_once(db, before) == (1, 1)
+    record("9 extraction outruns the soft limit once (3 s)", "retried; stored once",
+           expected=1, stored=1, recover_s=stored_after, peak_mb=peak_rss_mb(worker))
+
+
+def test_an_extraction_that_ends_past_the_soft_limit_is_not_stored_late(
+        db: psycopg.Connection, hostile_site: SiteServer, ctx: pipeline.Context) -> None:
+    # The soft limit's signal can be lost (raised inside a __del__, Python drops it, as the
+    # cases above met now and then); the pipeline reads the task's clock again instead.
+    article_id = store.add_article_url(db, hostile_site.url("ok/fr.html"), origin="cli")[0]
+    with pytest.raises(Overrun):
+        pipeline.process_article(ctx, article_id, deadline=time.monotonic())
+    assert article_row(db, article_id)["state"] == "pending"  # nothing stored late
+    assert pipeline.end_overrun_article(ctx, article_id, final_attempt=True) == "failed"
+    row = article_row(db, article_id)
+    assert (row["state"], row["fail_reason"]) == ("failed", "time_limit")
+
+
 # --- 10. a SIGKILLed pool child -------------------------------------------------------------
 
 
@@ -160,6 +241,8 @@ SHORT_VISIBILITY = {
     "TALKWIRE_UNACKED_RESTORE_INTERVAL": "1",
     # A poll deferred for its host is held unacked this long; it must fit in the visibility.
     "TALKWIRE_HOST_MAX_WAIT": "0.5",
+    # A send backing off on a full Redis comes after the fetch, inside the soft limit too.
+    "TALKWIRE_PUBLISH_BACKOFF_MAX": "1",
 }
 
 
@@ -274,49 +357,145 @@ def test_a_redis_restart_without_persistence_loses_no_article(
            expected=6, stored=6, recover_s=recovered, peak_mb=peak_rss_mb(worker))
 
 
-def test_redis_at_maxmemory_with_noeviction_drops_nothing(
+class RedisFiller:
+    """Another tenant that fills a noeviction Redis to its very limit, and keeps it full until
+    it frees its keys."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        for size in (65536, 1024, 64):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for i in range(100_000):
+                    self.client.set(f"filler:{size}:{i}", b"x" * size)
+        # Client buffers move used memory by a few KB, which would let a write slip in now
+        # and then; a limit a quarter lower keeps every write refused until the keys go.
+        limit = int(self.client.config_get("maxmemory")["maxmemory"])
+        self.client.config_set("maxmemory", limit * 3 // 4)
+
+    def free(self) -> None:
+        """Delete the tenant's keys: memory frees up, far below the limit."""
+        self.client.delete(*self.client.keys("filler:*"))
+        self.client.close()
+
+
+def publish_in_thread(app: Celery, send: Callable[[], None]) -> Future[None]:
+    """Run a publish in a thread where `app` is current, as it is in a worker's task."""
+
+    def run() -> None:
+        app.set_current()  # thread-local: the test's own thread keeps its current app
+        send()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run)
+
+
+def publish_refusals(outcome: str) -> float:
+    """This process's count of publishes Redis refused, by what followed."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("talkwire_publish_refusals_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def test_redis_full_past_the_publish_bound_gives_up_and_the_sweeper_resends(
         db: psycopg.Connection, site: SiteServer, private_redis: Callable[..., object],
         spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
-    import redis
-
     from worker.config import load_settings
 
     server = private_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
     url = server.url  # type: ignore[attr-defined]
-    env = {"REDIS_URL": url}
-    app = create_app(load_settings(redis_url=url))
+    # A bound of one second: the backoff ends while Redis is still full.
+    env = {"REDIS_URL": url, "TALKWIRE_PUBLISH_BACKOFF_MAX": "1"}
+    app = create_app(load_settings(redis_url=url, publish_backoff_max=1))
     worker = spawn(env, concurrency=2)
     worker.wait_ready()
     spawn(env, extra=("beat",))
     before = last_change(db)
-    filler = redis.Redis.from_url(url)
-    for size in (65536, 1024, 64):  # another tenant fills the server to its very limit
-        with pytest.raises(redis.exceptions.OutOfMemoryError):
-            for i in range(100_000):
-                filler.set(f"filler:{size}:{i}", b"x" * size)
-    # The rows commit first; their sends are refused, loudly, and nothing is evicted.
+    filler = RedisFiller(url)
+    # The rows commit first; their send backs off, gives up and raises, and nothing is evicted.
     ids = [store.add_article_url(db, site.url(f"pages/{p}"), origin="cli")[0]
            for p in ("astana4-arrival.html", "geneve6-cloture.html", "sochi-congress-ru.html")]
-    refused = 0
-    for article_id in ids:
-        try:
-            app.send_task("talkwire.process_article", args=[article_id])
-        except Exception as exc:  # noqa: BLE001 - kombu wraps the OOM reply in its own types
-            assert "OOM" in str(exc) or "memory" in str(exc).lower(), exc
-            refused += 1
-    # Memory moves a little (the worker's own polling), so a send may squeeze through; the
-    # point is that a refused one is not lost.
-    assert refused >= 1
-    assert count_states(db).get("pending", 0) >= refused
+    gave_up = publish_refusals("gave_up")
+    started = time.monotonic()
+    with pytest.raises(KombuError) as refused:
+        publish_in_thread(app, lambda: enqueue_articles(ids)).result(timeout=30)
+    assert is_out_of_memory(refused.value), refused.value
+    assert 1 <= time.monotonic() - started < 10
+    assert publish_refusals("gave_up") == gave_up + 1
+    assert count_states(db) == {"pending": len(ids)}
     # Memory frees up (the other tenant's keys go); talkwire's own keys were never touched.
-    filler.delete(*filler.keys("filler:*"))
+    filler.free()
     freed = time.monotonic()
     wait_for(lambda: count_states(db) == {"stored": len(ids)}, 90, "all three once memory frees")
     recovered = time.monotonic() - freed
     assert stored_once(db, before) == (len(ids), len(ids))
-    filler.close()
-    record("13 Redis at maxmemory, noeviction", f"{refused} sends refused; resent after",
+    record("13 Redis at maxmemory past the publish bound (1 s)", "gave up; sweeper resent",
            expected=len(ids), stored=len(ids), recover_s=recovered,
+           peak_mb=peak_rss_mb(worker))
+
+
+def test_redis_at_maxmemory_publishing_backs_off_and_drops_nothing(
+        db: psycopg.Connection, private_redis: Callable[..., object],
+        spawn: Callable[..., WorkerProcess], record: Callable[..., None]) -> None:
+    from worker.config import load_settings
+
+    server = private_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    url = server.url  # type: ignore[attr-defined]
+    port = free_port()
+    # A real poll worker, no beat (so no sweeper): only the backoff can deliver the articles.
+    env = {"REDIS_URL": url, "TALKWIRE_PUBLISH_BACKOFF_MAX": "15",
+           "TALKWIRE_METRICS_PORT": str(port)}
+    app = create_app(load_settings(redis_url=url))
+    site = Site()
+    try:
+        # The feed answers only once the test has filled Redis (well within the 8 s fetch
+        # deadline), so the poll commits its articles and sends them into a full Redis.
+        gate = threading.Event()
+        pages = ("astana4-arrival.html", "geneve6-cloture.html", "sochi-congress-ru.html")
+        first = datetime(2017, 5, 2, 9, tzinfo=timezone.utc)
+        body = rss([(f"full-{n}", f"/pages/{p}", first + timedelta(hours=n))
+                    for n, p in enumerate(pages)], site.server.base_url)
+
+        def held_feed(headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+            gate.wait(5)
+            return 200, {"Content-Type": "application/rss+xml; charset=utf-8"}, body
+
+        feed = store.add_feed(db, site.add("held.xml", held_feed))
+        worker = spawn(env, concurrency=2)
+        worker.wait_ready()
+        before = last_change(db)
+        # Dead letters outlive the per-test truncation (no foreign key): count new ones only.
+        letters = db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        app.send_task("talkwire.poll_feed", args=[feed.id], queue=POLL_QUEUE)
+        wait_for(lambda: site.hits["held.xml"] == 1, 30, "the poll to reach the feed")
+        filler = RedisFiller(url)
+        gate.set()
+        wait_for(lambda: "publish backoff" in worker.output(), 20, "the send to back off")
+        assert count_states(db) == {"pending": len(pages)}
+        time.sleep(2)  # Redis stays full a while, then the other tenant's keys go
+        filler.free()
+        freed = time.monotonic()
+        wait_for(lambda: count_states(db) == {"stored": len(pages)}, 60,
+                 "all three once memory frees, with no sweeper")
+        recovered = time.monotonic() - freed
+        log = worker.output()
+        # The poll task itself succeeded: its send waited, then went through.
+        assert "publish gave_up" not in log
+        assert re.search(r"talkwire\.poll_feed\[[^]]+\] succeeded", log), log[-3000:]
+        backoffs = log.count('"outcome": "backoff"')
+        assert backoffs >= 2
+        samples = scrape(port)
+        assert sample(samples, "talkwire_publish_refusals_total", outcome="backoff") == backoffs
+        assert sample(samples, "talkwire_publish_refusals_total", outcome="gave_up") == 0
+        # Every article once: one row each, stored once, nothing dead-lettered.
+        assert db.execute("SELECT count(*), count(DISTINCT url) FROM articles").fetchone() == (
+            len(pages), len(pages))
+        assert stored_once(db, before) == (len(pages), len(pages))
+        assert db.execute("SELECT count(*) FROM dead_letters").fetchone() == letters
+    finally:
+        site.close()
+    record("13 Redis at maxmemory: publish backs off", f"{backoffs} backoffs, then sent; "
+           "none dropped", expected=len(pages), stored=len(pages), recover_s=recovered,
            peak_mb=peak_rss_mb(worker))
 
 

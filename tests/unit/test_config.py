@@ -35,6 +35,8 @@ def test_defaults_use_the_embedded_servers() -> None:
          "TALKWIRE_TASK_TIME_LIMIT"),
         ({"DATABASE_URL": "postgresql://localhost/x"}, "set both DATABASE_URL and REDIS_URL"),
         ({"TALKWIRE_MAX_DELIVERIES": "9"}, "TALKWIRE_MAX_DELIVERIES must exceed"),
+        # 30 s of fetch plus 90 s of backoff on a full Redis would reach the 120 s soft limit.
+        ({"TALKWIRE_PUBLISH_BACKOFF_MAX": "90"}, "PUBLISH_BACKOFF_MAX must stay below"),
     ],
 )
 def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
