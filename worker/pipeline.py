@@ -439,10 +439,10 @@ def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int,
                                      signature=signature, urls=urls)
         changed: list[str] = []
         if filed.method != "url":
-            store.save_classification(conn, article_id, result)
+            store.save_classification(conn, article_id, result, fresh=True)
             changed = link_article(conn, ctx, article_id, result,
                                    compose_document(article.title, article.text),
-                                   published.date() if published else None)
+                                   published.date() if published else None, fresh=True)
             # Last in the transaction: the change feed's lock is held from here until commit.
             record_article_created(conn, article_id, url=page.url, title=article.title,
                                    origin=origin)
@@ -533,11 +533,12 @@ def reclassify_stored(ctx: Context, item: store.StoredText) -> ReprocessOutcome:
 
 def link_article(conn: psycopg.Connection, ctx: Context, article_id: int,
                  result: Classification, document: str, published: date | None, *,
-                 learn: bool = True) -> list[str]:
+                 learn: bool = True, fresh: bool = False) -> list[str]:
     """Link one classified article to rounds, letting it teach the registry; return changed ids.
 
     Runs inside the caller's transaction, so links and registry changes commit with the
     article. Reprocessing passes learn=False: old stories must not re-announce rounds.
+    `fresh`: the article was stored in this transaction and has no links yet.
     """
     registry = store.list_rounds(conn)
     linking = link_rounds(result, document=document, published=published, registry=registry)
@@ -549,7 +550,8 @@ def link_article(conn: psycopg.Connection, ctx: Context, article_id: int,
             linking = link_rounds(result, document=document, published=published,
                                   registry=registry)
     store.replace_round_links(conn, article_id, linking.links,
-                              rules_version=f"{result.rules_version}+{LINKER_VERSION}")
+                              rules_version=f"{result.rules_version}+{LINKER_VERSION}",
+                              fresh=fresh)
     return changed
 
 

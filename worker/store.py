@@ -646,10 +646,13 @@ def summarize_since(conn: psycopg.Connection, since: datetime) -> dict[str, obje
 # --- classification ---------------------------------------------------------------------
 
 
-def save_classification(conn: psycopg.Connection, article_id: int,
-                        result: Classification) -> tuple[str | None, str | None]:
-    """Replace an article's label and facts; return its previous (label, rules_version)."""
-    previous = conn.execute(
+def save_classification(conn: psycopg.Connection, article_id: int, result: Classification,
+                        *, fresh: bool = False) -> tuple[str | None, str | None]:
+    """Replace an article's label and facts; return its previous (label, rules_version).
+
+    `fresh`: the article was stored in this transaction, so it has no label or facts yet and
+    nothing is read or deleted first."""
+    previous = None if fresh else conn.execute(
         "SELECT label, rules_version FROM article_labels WHERE article_id = %s FOR UPDATE",
         (article_id,),
     ).fetchone()
@@ -663,7 +666,8 @@ def save_classification(conn: psycopg.Connection, article_id: int,
         (article_id, result.label, result.score, list(result.tracks), result.rules_version,
          Jsonb(result.to_dict())),
     )
-    conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
+    if not fresh:
+        conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
@@ -839,9 +843,10 @@ def _round_json(rnd: Round) -> dict[str, object]:
 
 
 def replace_round_links(conn: psycopg.Connection, article_id: int, links: Sequence[RoundLink],
-                        *, rules_version: str) -> tuple[int, int]:
-    """Make an article's round links exactly `links`; record what was added and removed."""
-    before = {(r[0], r[1]) for r in conn.execute(
+                        *, rules_version: str, fresh: bool = False) -> tuple[int, int]:
+    """Make an article's round links exactly `links`; record what was added and removed
+    (`fresh`: stored in this transaction, so it has no links to read first)."""
+    before: set[tuple[str, str]] = set() if fresh else {(r[0], r[1]) for r in conn.execute(
         "SELECT round_id, relation FROM round_links WHERE article_id = %s FOR UPDATE",
         (article_id,))}
     after = {(link.round_id, link.relation): link for link in links}
