@@ -224,11 +224,12 @@ def _spawn(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+def stop_process_groups(children: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """Warm shutdown (SIGTERM) of each child's process group; SIGKILL what outlives `timeout`."""
     for child in children:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout
     for child in children:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -295,7 +296,7 @@ def run(once: bool, timeout: float) -> None:
         err_console.print("stopping…")
     finally:
         ctx.close()
-        _stop(children)
+        stop_process_groups(children)
 
 
 def _wait_drained(ctx: Any, children: list[subprocess.Popen[bytes]], timeout: float) -> None:

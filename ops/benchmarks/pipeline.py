@@ -28,7 +28,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from worker.cli import stop_process_groups
 from worker.demo import serve_site
 
 PAGES_DIR = ROOT.parent / "shared" / "eval-data" / "article_extraction_benchmark" / "html"
@@ -227,19 +227,6 @@ def spawn(env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen[b
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "INFO", *args],
                             env={**os.environ, **env}, cwd=ROOT, start_new_session=True,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Warm shutdown of each process group, then SIGKILL."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
@@ -502,7 +489,7 @@ def main() -> None:
                   f"p95 {percentile(seen, 0.95):.2f} s")
             print_breakdown(settings, base, routes, site, min(articles, len(pages)))
     finally:
-        stop(procs)
+        stop_process_groups(procs, timeout=30)
         for site_server in (server, *outlets):
             site_server.close()
         if not args.keep:

@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from psycopg import sql  # noqa: E402
 
 from worker import store  # noqa: E402
 from worker.celery_app import POLL_QUEUE, create_app  # noqa: E402
+from worker.cli import stop_process_groups  # noqa: E402
 from worker.config import load_settings  # noqa: E402
 from worker.demo import serve_site  # noqa: E402
 from worker.pipeline import open_context  # noqa: E402
@@ -295,14 +295,7 @@ def main() -> None:
     finally:
         if ctx is not None:
             ctx.close()
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
+        stop_process_groups(workers, timeout=30)
         server.terminate()
         client = redis_client(redis_url)
         for key in client.scan_iter(f"twbench-{run_id}:*", count=1000):
