@@ -6,7 +6,10 @@ so a DNS answer that changes between check and connect (rebinding) cannot reach 
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
+import os
 import re
 import socket
 import threading
@@ -51,7 +54,18 @@ def is_public_address(ip: IPAddress) -> bool:
 
 
 def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
-    """getaddrinfo in a helper thread, because getaddrinfo itself has no timeout."""
+    """getaddrinfo in a helper thread, because getaddrinfo itself has no timeout.
+
+    A host written as an IP address in its standard form needs no lookup: it is answered
+    here, in getaddrinfo's shape. Other spellings of an address (2130706433, 0177.0.0.1,
+    127.1) are not standard forms, so getaddrinfo still reads them."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     box: list[Any] = []
 
     def run() -> None:
@@ -117,9 +131,9 @@ class _Watchdog:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.expired = False
-        self._timer = threading.Timer(max(0.0, deadline_at - time.monotonic()), self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self.deadline_at = deadline_at
+        self.done = False
+        _DEADLINES.watch(self)
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore trace hook: remember the newest socket (plain TCP, then TLS-wrapped)."""
@@ -129,14 +143,59 @@ class _Watchdog:
                 if self.expired:
                     _shut(self._sock)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The deadline passed while the fetch was still running: cut its socket."""
         with self._lock:
-            self.expired = True
-            _shut(self._sock)
+            if not self.done:
+                self.expired = True
+                _shut(self._sock)
 
     def cancel(self) -> None:
-        """Stop the timer once the fetch is over."""
-        self._timer.cancel()
+        """The fetch is over: its socket is no longer the watchdog's business."""
+        with self._lock:
+            self.done = True
+            self._sock = None
+
+
+class _Deadlines:
+    """One thread per process that expires the watchdogs of fetches past their deadline.
+
+    A Timer thread per fetch cost a thread start and a wake-up per article; here a fetch only
+    pushes onto a heap. Deadlines are mostly pushed in order (the same limit from a later
+    start), so the thread is woken only when a new deadline comes first."""
+
+    def __init__(self) -> None:
+        self._reset()
+        # Threads do not survive a fork, and a lock held at the fork would stay held.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watchdog]] = []
+        self._order = itertools.count()
+        self._started = False
+
+    def watch(self, dog: _Watchdog) -> None:
+        """Expire `dog` at its deadline unless it is cancelled first."""
+        with self._cond:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="talkwire-fetch-deadlines",
+                                 daemon=True).start()
+            heapq.heappush(self._heap, (dog.deadline_at, next(self._order), dog))
+            if self._heap[0][2] is dog:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
+                    heapq.heappop(self._heap)[2].expire()  # a no-op once cancelled
+                self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+
+
+_DEADLINES = _Deadlines()
 
 
 def _shut(sock: socket.socket | None) -> None:

@@ -461,6 +461,32 @@ def test_total_deadline(hostile_server: str, path: str) -> None:
     assert time.monotonic() - started < 2.0
 
 
+def test_each_of_overlapping_fetches_keeps_its_own_deadline(hostile_server: str) -> None:
+    # One thread per process watches every fetch's deadline: a later fetch with a shorter
+    # deadline must not wait for the earlier, longer one, and a fetch that finishes is left
+    # alone after its deadline.
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    def fetch(name: str, path: str, deadline: float) -> None:
+        started = time.monotonic()
+        try:
+            fetch_url(hostile_server + path, limits(deadline=deadline))
+            outcomes[name] = ("ok", time.monotonic() - started)
+        except Transient as exc:
+            outcomes[name] = (exc.reason, time.monotonic() - started)
+
+    slow = threading.Thread(target=fetch, args=("long", "/drip", 3.0))
+    slow.start()
+    time.sleep(0.2)
+    fetch("short", "/drip", 0.8)
+    fetch("done", "/page", 0.5)
+    time.sleep(0.7)  # past the finished fetch's deadline
+    slow.join()
+    assert outcomes["short"][0] == "timeout" and outcomes["short"][1] < 1.5
+    assert outcomes["done"][0] == "ok"
+    assert outcomes["long"][0] == "timeout" and 2.5 < outcomes["long"][1] < 4.0
+
+
 def test_connection_refused_is_transient() -> None:
     with socket.socket() as probe:  # a port that was just free and has no listener
         probe.bind(("127.0.0.1", 0))
