@@ -7,6 +7,7 @@ Every knob an operator can turn is a field here. `load_settings()` turns bad val
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,11 @@ from worker.types import FetchLimits
 def default_data_dir() -> Path:
     """Where the embedded Postgres and Redis keep their files when no directory is set."""
     return Path.home() / ".local" / "share" / "talkwire"
+
+
+def default_concurrency() -> int:
+    """Pool children when TALKWIRE_WORKER_CONCURRENCY is not set: two per core."""
+    return 2 * (os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):
@@ -101,7 +107,10 @@ class Settings(BaseSettings):
     # Seconds between a worker's scans for messages a dead worker left unacknowledged.
     unacked_restore_interval: int = Field(default=10, ge=1)
     worker_max_memory_kb: int = Field(default=400_000, ge=10_000)
-    worker_concurrency: int = Field(default=2, ge=1)
+    # Pool children: two per core, because a child spends part of each article waiting (on
+    # the outlet's server, on Postgres) and a second child per core fills those waits
+    # (ops/bench pipeline; over the internet the fetch waits are far longer than here).
+    worker_concurrency: int = Field(default_factory=default_concurrency, ge=1)
     # Prometheus /metrics of `talkwire worker` and `talkwire beat` (0: off). Two processes on
     # one host need two ports; a port already taken is logged, never fatal.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

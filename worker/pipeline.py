@@ -315,7 +315,9 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     With a `deadline` (time.monotonic()), an extraction that ends past it raises Overrun
     and nothing is stored."""
     started = time.monotonic()
-    with ctx.pool.connection() as conn:
+    # Pipeline mode around the transaction: BEGIN travels with the first statement and COMMIT
+    # with the last sync, two round trips fewer per block (ops/bench pipeline).
+    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
         row = store.lease_article(conn, article_id, lease_seconds=ctx.settings.lease_seconds)
         if row is not None:
             # Google News redirect links are unwrapped offline (issue 6); a URL that is
@@ -367,7 +369,7 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     result = classify_text(ctx, title=article.title, text=article.text,
                            language=article.language, published=published)
     done = None
-    with ctx.pool.connection() as conn, conn.transaction():
+    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
         if store.store_article(conn, article_id, page, article):
             done = file_and_understand(conn, ctx, article_id, page=page, article=article,
                                        signature=signature, urls=urls, result=result,
@@ -431,21 +433,23 @@ def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int,
     Used by every path that stores an article (a fetched page, a producer's document), so
     each lands the same way. A copy under a URL we already hold (method `url`) takes its
     labels from the article it duplicates.
+
+    Callers hold the connection in pipeline mode around the transaction
+    (`conn.pipeline(), conn.transaction()`): writes whose results nobody reads go out with
+    the next query that needs an answer, and COMMIT with the last of them, so the ~25
+    statements cost ~8 round trips (ops/bench pipeline).
     """
-    # Pipeline mode: writes whose results nobody reads go out together with the next query
-    # that needs an answer, so the ~25 statements cost ~10 round trips (ops/bench pipeline).
-    with conn.pipeline():
-        filed = lineage.file_article(conn, article_id, page=page, article=article,
-                                     signature=signature, urls=urls)
-        changed: list[str] = []
-        if filed.method != "url":
-            store.save_classification(conn, article_id, result, fresh=True)
-            changed = link_article(conn, ctx, article_id, result,
-                                   compose_document(article.title, article.text),
-                                   published.date() if published else None, fresh=True)
-            # Last in the transaction: the change feed's lock is held from here until commit.
-            record_article_created(conn, article_id, url=page.url, title=article.title,
-                                   origin=origin)
+    filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                 signature=signature, urls=urls)
+    changed: list[str] = []
+    if filed.method != "url":
+        store.save_classification(conn, article_id, result, fresh=True)
+        changed = link_article(conn, ctx, article_id, result,
+                               compose_document(article.title, article.text),
+                               published.date() if published else None, fresh=True)
+        # Last in the transaction: the change feed's lock is held from here until commit.
+        record_article_created(conn, article_id, url=page.url, title=article.title,
+                               origin=origin)
     return Understood(filed, tuple(changed))
 
 
@@ -735,7 +739,7 @@ def ingest_url(ctx: Context, message: IngestUrl, *, via: str,
     started = time.monotonic()
     created = False
     article_id: int | None = None
-    with ctx.pool.connection() as conn, conn.transaction():
+    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
         claim = _claim(conn, message, via, source_ref)
         if claim.fresh:
             article_id, created = store.add_article_url(conn, message.url, origin="producer")
@@ -777,7 +781,7 @@ def ingest_document(ctx: Context, message: IngestDocument, *, via: str,
         published = article.published or message.hints.published_at
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
-    with ctx.pool.connection() as conn, conn.transaction():
+    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
         claim = _claim(conn, message, via, source_ref)
         if claim.fresh:
             article_id, created = store.add_article_url(conn, message.url, origin="producer")

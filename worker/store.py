@@ -553,20 +553,20 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
                   article: Article) -> bool:
     """Store extracted content and mark the article stored; False if it was not pending."""
     content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
-    cur = conn.execute(
+    row = conn.execute(
         # canonical_url is talkwire's own (set by the dedup step); the page's claim is kept apart.
         "UPDATE articles SET state = 'stored', final_url = %s, declared_url = %s,"
         " http_status = %s, title = %s, body = %s, author = %s, site_name = %s, language = %s,"
         " description = %s, published_at = COALESCE(%s, feed_published_at),"
         " content_hash = %s, extractor = %s, extract_warnings = %s, fetched_at = now(),"
         " stored_at = now(), leased_until = NULL, fail_reason = NULL, fail_detail = NULL"
-        " WHERE id = %s AND state = 'pending'",
+        " WHERE id = %s AND state = 'pending' RETURNING id",  # RETURNING: pipeline mode
         (page.final_url, article.canonical_url, page.status, article.title, article.text,
          article.author, article.site_name, article.language, article.description,
          article.published, content_hash, article.extractor, list(article.warnings),
          article_id),
-    )
-    return cur.rowcount == 1
+    ).fetchone()
+    return row is not None
 
 
 def fail_article(conn: psycopg.Connection, article_id: int, *, reason: str, detail: str) -> None:
