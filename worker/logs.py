@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from worker.metrics import count_outcome
 
@@ -45,13 +47,41 @@ def configure_logging(level: str = "INFO") -> None:
     _LOG.propagate = False
 
 
-def log_outcome(stage: str, outcome: str, *, started: float | None = None, **keys: object) -> None:
-    """Log the single outcome of one item at one stage, and count it (worker.metrics)."""
+class Steps:
+    """Wall time of the steps one item went through, for its outcome line (issue 9).
+
+    `with steps.timed("fetch"): ...` records the step even when it raises, so a failure's
+    line shows the steps that ran. Steps that never ran have no entry.
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the block as step `name`."""
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - begun
+
+
+def log_outcome(stage: str, outcome: str, *, started: float | None = None,
+                steps: Steps | None = None, **keys: object) -> None:
+    """Log the single outcome of one item at one stage, and count it (worker.metrics).
+
+    With `steps`, the line also carries `<step>_ms` for each step that ran."""
     fields: dict[str, object] = {"stage": stage, "outcome": outcome, **keys}
     duration = time.monotonic() - started if started is not None else None
     if duration is not None:
         fields["duration_ms"] = round(duration * 1000, 1)
+    timings = steps.seconds if steps is not None else {}
+    for name, seconds in timings.items():
+        fields[f"{name}_ms"] = round(seconds * 1000, 1)
     # One outcome, one log line, one counter increment (STYLE.md habits).
-    count_outcome(stage, outcome, duration, keys)
+    count_outcome(stage, outcome, duration, keys, timings)
     level = logging.WARNING if outcome in {"failed", "retry", "backoff", "gave_up"} else logging.INFO
     _LOG.log(level, f"{stage} {outcome}", extra=fields)

@@ -28,6 +28,10 @@ from typing import Any
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # From a fast cache hit to a slow page near the fetch deadline; trafilatura alone is ~40 ms.
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# An article's steps run from ~1 ms (dedup signature, classification) to the fetch deadline;
+# the finer low end tells a 1 ms step from a 4 ms one.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0)
 QUEUES = ("poll", "process", "intake")
 
 _LOG = logging.getLogger("talkwire.metrics")
@@ -40,6 +44,7 @@ class Instruments:
     outcomes: Any
     articles: Any
     durations: Any
+    steps: Any
     dedup: Any
     labels: Any
     dead_letters: Any
@@ -58,6 +63,9 @@ def get_instruments() -> Instruments:
                          ["outcome", "reason"]),
         durations=Histogram("talkwire_stage_duration_seconds", "Time one item spent in a stage",
                             ["stage"], buckets=STAGE_BUCKETS),
+        steps=Histogram("talkwire_step_duration_seconds",
+                        "Time one article spent in a step: fetch, extract, dedup, classify, "
+                        "store", ["step"], buckets=STEP_BUCKETS),
         dedup=Counter("talkwire_dedup_decisions_total", "Dedup decisions, by method",
                       ["method"]),
         labels=Counter("talkwire_labels_total", "Stored articles, by label", ["label"]),
@@ -71,13 +79,16 @@ def get_instruments() -> Instruments:
 
 
 def count_outcome(stage: str, outcome: str, duration: float | None,
-                  keys: Mapping[str, object]) -> None:
-    """Count one item's outcome at one stage (called by log_outcome, once per item)."""
+                  keys: Mapping[str, object], steps: Mapping[str, float] | None = None) -> None:
+    """Count one item's outcome at one stage, and the seconds of each step that ran (called
+    by log_outcome, once per item)."""
     m = get_instruments()
     reason = str(keys.get("reason") or "")
     m.outcomes.labels(stage, outcome, reason).inc()
     if duration is not None:
         m.durations.labels(stage).observe(duration)
+    for step, seconds in (steps or {}).items():
+        m.steps.labels(step).observe(seconds)
     if stage == "process":
         m.articles.labels(outcome, reason).inc()
     if stage == "publish":

@@ -38,7 +38,7 @@ from worker.contracts import (
 from worker.errors import Overrun, Permanent, Transient
 from worker.extract import article_from_text, extract_article
 from worker.fetch import fetch_url, make_client
-from worker.logs import log_outcome
+from worker.logs import Steps, log_outcome
 from worker.politeness import HostLimiter, HostPermit, HostWait, redis_client
 from worker.poll import (
     cache_lifetime,
@@ -337,11 +337,15 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         log_outcome("process", "duplicate", article_id=article_id, url=row.url,
                     duplicate_of=owner_id, method="alias", started=started)
         return ProcessOutcome(article_id, "duplicate", filed=filed)
+    steps = Steps()
     try:
-        page = fetch_url(target, ctx.limits, client=ctx.http,
-                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
-        article = extract_article(page)
-        signature = dedup.sign_text(article.text, article.title)
+        with steps.timed("fetch"):
+            page = fetch_url(target, ctx.limits, client=ctx.http,
+                             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+        with steps.timed("extract"):
+            article = extract_article(page)
+        with steps.timed("dedup"):
+            signature = dedup.sign_text(article.text, article.title)
         if deadline is not None and time.monotonic() > deadline:
             # The soft limit's signal can be lost: raised inside a `__del__` (trafilatura's
             # regex objects have one), Python reports and drops it. The clock is read again
@@ -357,19 +361,22 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
                 store.release_article(conn, article_id, reason=exc.reason, detail=str(exc))
         outcome = "failed" if final_attempt else "retry"
         log_outcome("process", outcome, article_id=article_id, url=row.url, reason=exc.reason,
-                    started=started)
+                    started=started, steps=steps)
         return ProcessOutcome(article_id, outcome, reason=exc.reason, retry_after=exc.retry_after)
     except Permanent as exc:
         with ctx.pool.connection() as conn:
             store.fail_article(conn, article_id, reason=exc.reason, detail=str(exc))
         log_outcome("process", "failed", article_id=article_id, url=row.url, reason=exc.reason,
-                    started=started)
+                    started=started, steps=steps)
         return ProcessOutcome(article_id, "failed", reason=exc.reason)
     published = article.published or row.feed_published_at
-    result = classify_text(ctx, title=article.title, text=article.text,
-                           language=article.language, published=published)
+    with steps.timed("classify"):
+        result = classify_text(ctx, title=article.title, text=article.text,
+                               language=article.language, published=published)
     done = None
-    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
+    # The store step includes the pool checkout and the commit.
+    with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
+            conn.transaction():
         if store.store_article(conn, article_id, page, article):
             done = file_and_understand(conn, ctx, article_id, page=page, article=article,
                                        signature=signature, urls=urls, result=result,
@@ -377,7 +384,7 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     filed = done.filed if done else None
     outcome = "stale" if not done else "duplicate" if filed and filed.method == "url" else "stored"
     log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
-                started=started, **_filed_keys(filed))
+                started=started, steps=steps, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=done.changed_rounds if done else ())
 
@@ -462,24 +469,29 @@ def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
         log_outcome("refresh", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
     url = row.canonical_url or row.final_url or row.url
+    steps = Steps()
     try:
-        page = fetch_url(url, ctx.limits, client=ctx.http,
-                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
-        article = extract_article(page)
-        signature = dedup.sign_text(article.text, article.title)
+        with steps.timed("fetch"):
+            page = fetch_url(url, ctx.limits, client=ctx.http,
+                             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+        with steps.timed("extract"):
+            article = extract_article(page)
+        with steps.timed("dedup"):
+            signature = dedup.sign_text(article.text, article.title)
     except Transient as exc:
         log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
-                    started=started)
+                    started=started, steps=steps)
         return ProcessOutcome(article_id, "retry", reason=exc.reason, retry_after=exc.retry_after)
     except Permanent as exc:
         # A stored article whose page is gone keeps what we have; the reason is logged only.
         log_outcome("refresh", "failed", article_id=article_id, url=url, reason=exc.reason,
-                    started=started)
+                    started=started, steps=steps)
         return ProcessOutcome(article_id, "failed", reason=exc.reason)
     published = article.published or row.published_at
-    result = classify_text(ctx, title=article.title, text=article.text,
-                           language=article.language, published=published)
-    with ctx.pool.connection() as conn, conn.transaction():
+    with steps.timed("classify"):
+        result = classify_text(ctx, title=article.title, text=article.text,
+                               language=article.language, published=published)
+    with steps.timed("store"), ctx.pool.connection() as conn, conn.transaction():
         filed = lineage.refile_article(conn, article_id, page=page, article=article,
                                        signature=signature)
         if filed is not None and filed.new_version:
@@ -490,7 +502,7 @@ def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
                          published.date() if published else None)
     outcome = "stale" if filed is None else "version" if filed.new_version else "unchanged"
     log_outcome("refresh", outcome, article_id=article_id, url=url, started=started,
-                **_filed_keys(filed))
+                steps=steps, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed)
 
 

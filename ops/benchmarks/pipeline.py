@@ -11,6 +11,9 @@
 3. Latency, not saturated: entries appear at a quarter of the measured throughput, dealt
    round-robin over LATENCY_FEEDS feeds; beat polls each feed every POLL_INTERVAL seconds. For each entry: time from appearing in
    its feed to its row being committed (articles.stored_at), minus the poll interval.
+4. Where an article's time goes: each step alone and the whole process_article in this
+   process (no Celery), beside the same steps inside the service, read from the process
+   worker's outcome lines (fetch_ms .. store_ms, duration_ms) for the throughput run.
 
 Pages: the 181 pages of ../shared/eval-data/article_extraction_benchmark when present, else
 the repository's fixtures; above that count they are re-served under distinct URLs (those
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import html
+import json
 import math
 import multiprocessing
 import os
@@ -514,6 +518,7 @@ def main() -> None:
             print(f"  poll that found it -> row committed: p50 {statistics.median(seen):.2f} s, "
                   f"p95 {percentile(seen, 0.95):.2f} s")
             print_breakdown(settings, base, routes, site, min(articles, len(pages)))
+            print_service_steps(process_log, f"{base}/t/")
     finally:
         stop_process_groups(procs, timeout=30)
         for site_server in (server, *outlets):
@@ -578,6 +583,47 @@ def print_breakdown(settings: object, base: str, routes: dict[str, Callable[...,
     for name, total in [*parts.items(), ("database transaction and the rest", rest)]:
         print(f"  {name:34} {1000 * total / count:6.1f} ms  {total / whole:6.1%}")
     print(f"  {'whole process_article':34} {1000 * whole / count:6.1f} ms")
+
+
+STEPS = ("fetch", "extract", "dedup", "classify", "store")
+
+
+def print_service_steps(log: Path, prefix: str) -> None:
+    """Where an article's time went inside the service: the mean over the articles whose URL
+    starts with prefix of each step on their `process` outcome lines, and of duration_ms."""
+    totals = dict.fromkeys((*STEPS, "duration"), 0.0)
+    ran: dict[str, set[object]] = {key: set() for key in totals}
+    for text in log.read_text(errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue  # Celery's own lines, or two pool children's lines run together
+        if (not isinstance(line, dict) or line.get("stage") != "process"
+                or not str(line.get("url", "")).startswith(prefix)):
+            continue
+        for key in totals:
+            value = line.get(f"{key}_ms")
+            if isinstance(value, int | float):
+                # A retried article has a line per attempt: its steps add up.
+                totals[key] += value
+                ran[key].add(line.get("article_id"))
+    count = len(ran["duration"])
+    if not count:
+        print(f"inside the service: no process outcome lines for {prefix} in {log}")
+        return
+    whole = totals["duration"] or 1.0
+    print(f"inside the service, mean wall ms per article by step ({count} articles of the "
+          "throughput run, from the process worker's outcome lines):")
+    labels = {"fetch": "fetch (HTTP on 127.0.0.1)", "extract": "extract (trafilatura)",
+              "dedup": "dedup signature", "classify": "classify",
+              "store": "store (transaction, commit)"}
+    for step in STEPS:
+        print(f"  {labels[step]:36} {totals[step] / count:6.1f} ms  "
+              f"{totals[step] / whole:6.1%}  (ran for {len(ran[step])})")
+    rest = totals["duration"] - sum(totals[step] for step in STEPS)
+    print(f"  {'lease, alias lookup and the rest':36} {rest / count:6.1f} ms  "
+          f"{rest / whole:6.1%}")
+    print(f"  {'whole process_article (duration_ms)':36} {totals['duration'] / count:6.1f} ms")
 
 
 def print_rss(sampler: RssSampler, articles: int) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from celery import Celery
@@ -37,6 +39,19 @@ def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def outcome_lines(output: str, stage: str) -> list[dict[str, Any]]:
+    """The JSON outcome lines of one stage in a worker's output (Celery's own lines skipped)."""
+    lines = []
+    for line in output.splitlines():
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(fields, dict) and fields.get("stage") == stage:
+            lines.append(fields)
+    return lines
+
+
 def test_a_worker_serves_metrics_that_move_with_the_work(
         db: psycopg.Connection, site: SiteServer, settings: Settings,
         start_worker: Callable[..., WorkerProcess]) -> None:
@@ -45,10 +60,12 @@ def test_a_worker_serves_metrics_that_move_with_the_work(
     store.add_feed(db, site.url("feeds/hostile.xml"))
     port = free_port()
     # Prefork children do the work; the parent serves what they counted.
-    start_worker(extra=("worker", "--queues", "poll,process", "--concurrency", "2",
-                        "--metrics-port", str(port))).wait_ready()
+    worker = start_worker(extra=("worker", "--queues", "poll,process", "--concurrency", "2",
+                                 "--metrics-port", str(port)))
+    worker.wait_ready()
     before = scrape(port)
     assert sample(before, "talkwire_articles_total", outcome="stored", reason="") == 0
+    assert sample(before, "talkwire_step_duration_seconds_count", step="extract") == 0
     assert sample(before, "talkwire_feeds", status="active") == 2
     assert sample(before, "talkwire_state_up", store="postgres") == 1
 
@@ -67,12 +84,31 @@ def test_a_worker_serves_metrics_that_move_with_the_work(
     assert sample(after, "talkwire_outcomes_total", stage="poll", outcome="polled", reason="") == 2
     assert sample(after, "talkwire_stage_duration_seconds_count", stage="process") == 4
     assert sample(after, "talkwire_stage_duration_seconds_sum", stage="process") > 0
+    # Where the time went, per step (issue 9): every article was fetched, the blocked one
+    # went no further.
+    assert sample(after, "talkwire_step_duration_seconds_count", step="fetch") == 4
+    for step in ("extract", "dedup", "classify", "store"):
+        assert sample(after, "talkwire_step_duration_seconds_count", step=step) == 3, step
+    assert sample(after, "talkwire_step_duration_seconds_sum", step="extract") > 0
     assert sum(sample(after, "talkwire_dedup_decisions_total", method=m)
                for m in ("unique", "exact", "near", "update", "url")) == 3
     assert sum(v for (name, _), v in after.items() if name == "talkwire_labels_total") == 3
     assert sample(after, "talkwire_queue_depth", queue="process") == 0
     assert sample(after, "talkwire_articles", state="failed") == 1
     assert sample(after, "talkwire_last_stored_timestamp_seconds") > 0
+
+    # Each article's outcome line says where its time went, step by step.
+    outcomes = outcome_lines(worker.output(), "process")
+    stored = [line for line in outcomes if line["outcome"] == "stored"]
+    assert len(stored) == 3
+    for line in stored:
+        spent = [line[f"{step}_ms"] for step in ("fetch", "extract", "dedup", "classify",
+                                                 "store")]
+        assert all(isinstance(ms, (int, float)) and ms >= 0 for ms in spent), line
+        assert sum(spent) <= line["duration_ms"] + 0.5, line  # each rounded to 0.1 ms
+    [blocked] = [line for line in outcomes if line.get("reason") == "blocked_address"]
+    assert isinstance(blocked["fetch_ms"], (int, float)) and blocked["fetch_ms"] >= 0
+    assert "extract_ms" not in blocked and "store_ms" not in blocked
 
     # The operator's view of the same state.
     shown = talkwire("status")
