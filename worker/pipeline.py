@@ -339,13 +339,7 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         return ProcessOutcome(article_id, "duplicate", filed=filed)
     steps = Steps()
     try:
-        with steps.timed("fetch"):
-            page = fetch_url(target, ctx.limits, client=ctx.http,
-                             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
-        with steps.timed("extract"):
-            article = extract_article(page)
-        with steps.timed("dedup"):
-            signature = dedup.sign_text(article.text, article.title)
+        page, article, signature = read_page(ctx, target, steps)
         if deadline is not None and time.monotonic() > deadline:
             # The soft limit's signal can be lost: raised inside a `__del__` (trafilatura's
             # regex objects have one), Python reports and drops it. The clock is read again
@@ -387,6 +381,18 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
                 started=started, steps=steps, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=done.changed_rounds if done else ())
+
+
+def read_page(ctx: Context, url: str, steps: Steps) -> tuple[Page, Article, dedup.Signature]:
+    """Fetch an article page, extract it and sign its text, timing each step."""
+    with steps.timed("fetch"):
+        page = fetch_url(url, ctx.limits, client=ctx.http,
+                         accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
+    with steps.timed("extract"):
+        article = extract_article(page)
+    with steps.timed("dedup"):
+        signature = dedup.sign_text(article.text, article.title)
+    return page, article, signature
 
 
 def quarantine_article(ctx: Context, article_id: int, url: str, attempts: int, *,
@@ -471,13 +477,7 @@ def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
     url = row.canonical_url or row.final_url or row.url
     steps = Steps()
     try:
-        with steps.timed("fetch"):
-            page = fetch_url(url, ctx.limits, client=ctx.http,
-                             accept="text/html,application/xhtml+xml;q=0.9,*/*;q=0.5")
-        with steps.timed("extract"):
-            article = extract_article(page)
-        with steps.timed("dedup"):
-            signature = dedup.sign_text(article.text, article.title)
+        page, article, signature = read_page(ctx, url, steps)
     except Transient as exc:
         log_outcome("refresh", "retry", article_id=article_id, url=url, reason=exc.reason,
                     started=started, steps=steps)
