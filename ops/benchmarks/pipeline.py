@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from worker.cli import stop_process_groups
-from worker.config import default_concurrency
+from worker.config import load_settings
 from worker.demo import serve_site
 
 PAGES_DIR = ROOT.parent / "shared" / "eval-data" / "article_extraction_benchmark" / "html"
@@ -314,15 +314,14 @@ def main() -> None:
     parser.add_argument("--latency-feeds", type=int, default=10,
                         help="feeds the latency run's entries are spread over")
     parser.add_argument("--poll-interval", type=int, default=5)
-    parser.add_argument("--concurrency", type=int,
-                        default=int(os.environ.get("TALKWIRE_WORKER_CONCURRENCY")
-                                    or default_concurrency()),
+    parser.add_argument("--concurrency", type=int, default=None,
                         help="prefork children, and bare extraction processes (default: the "
-                             "service's, two per core)")
+                             "service's TALKWIRE_WORKER_CONCURRENCY, two per core unless set)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="skip the latency run and the in-process breakdown (for A/B tuning)")
     parser.add_argument("--keep", action="store_true", help="keep the database and logs")
     args = parser.parse_args()
+    args.concurrency = args.concurrency or load_settings().worker_concurrency
 
     pages, source = load_pages()
     articles = args.articles or len(pages)
@@ -372,7 +371,6 @@ def main() -> None:
     os.environ.update(env)
     from worker import store
     from worker.celery_app import create_app
-    from worker.config import load_settings
     from worker.pipeline import prepare_database
 
     settings = load_settings()
