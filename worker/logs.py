@@ -45,43 +45,52 @@ def configure_logging(level: str = "INFO") -> None:
     _LOG.handlers[:] = [handler]
     _LOG.setLevel(level)
     _LOG.propagate = False
+    # httpx logs every request at INFO; the outcome line already names the URL and fetch_ms.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 class Steps:
-    """Wall time of the steps one item went through, for its outcome line (issue 9).
+    """Wall and CPU time of the steps one item went through, for its outcome line (issue 9).
 
     `with steps.timed("fetch"): ...` records the step even when it raises, so a failure's
-    line shows the steps that ran. Steps that never ran have no entry.
+    line shows the steps that ran. Steps that never ran have no entry. CPU is the task
+    thread's own (time.thread_time): a step whose wall time is far above its CPU time was
+    waiting, on the network, on Postgres or for a core.
     """
 
-    __slots__ = ("seconds",)
+    __slots__ = ("cpu", "seconds")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         """Time the block as step `name`."""
-        begun = time.perf_counter()
+        begun, begun_cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.seconds[name] = time.perf_counter() - begun
+            self.cpu[name] = time.thread_time() - begun_cpu
 
 
 def log_outcome(stage: str, outcome: str, *, started: float | None = None,
                 steps: Steps | None = None, **keys: object) -> None:
     """Log the single outcome of one item at one stage, and count it (worker.metrics).
 
-    With `steps`, the line also carries `<step>_ms` for each step that ran."""
+    With `steps`, the line also carries `<step>_ms` and `<step>_cpu_ms` for each step that
+    ran."""
     fields: dict[str, object] = {"stage": stage, "outcome": outcome, **keys}
     duration = time.monotonic() - started if started is not None else None
     if duration is not None:
         fields["duration_ms"] = round(duration * 1000, 1)
     timings = steps.seconds if steps is not None else {}
+    cpu = steps.cpu if steps is not None else {}
     for name, seconds in timings.items():
         fields[f"{name}_ms"] = round(seconds * 1000, 1)
+        fields[f"{name}_cpu_ms"] = round(cpu[name] * 1000, 1)
     # One outcome, one log line, one counter increment (STYLE.md habits).
-    count_outcome(stage, outcome, duration, keys, timings)
+    count_outcome(stage, outcome, duration, keys, timings, cpu)
     level = logging.WARNING if outcome in {"failed", "retry", "backoff", "gave_up"} else logging.INFO
     _LOG.log(level, f"{stage} {outcome}", extra=fields)

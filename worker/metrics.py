@@ -45,6 +45,7 @@ class Instruments:
     articles: Any
     durations: Any
     steps: Any
+    step_cpu: Any
     dedup: Any
     labels: Any
     dead_letters: Any
@@ -66,6 +67,9 @@ def get_instruments() -> Instruments:
         steps=Histogram("talkwire_step_duration_seconds",
                         "Time one article spent in a step: fetch, extract, dedup, classify, "
                         "store", ["step"], buckets=STEP_BUCKETS),
+        step_cpu=Counter("talkwire_step_cpu_seconds", "CPU seconds the task thread spent in a "
+                         "step; against talkwire_step_duration_seconds_sum it shows waiting",
+                         ["step"]),
         dedup=Counter("talkwire_dedup_decisions_total", "Dedup decisions, by method",
                       ["method"]),
         labels=Counter("talkwire_labels_total", "Stored articles, by label", ["label"]),
@@ -79,9 +83,10 @@ def get_instruments() -> Instruments:
 
 
 def count_outcome(stage: str, outcome: str, duration: float | None,
-                  keys: Mapping[str, object], steps: Mapping[str, float] | None = None) -> None:
-    """Count one item's outcome at one stage, and the seconds of each step that ran (called
-    by log_outcome, once per item)."""
+                  keys: Mapping[str, object], steps: Mapping[str, float] | None = None,
+                  steps_cpu: Mapping[str, float] | None = None) -> None:
+    """Count one item's outcome at one stage, and the wall and CPU seconds of each step that
+    ran (called by log_outcome, once per item)."""
     m = get_instruments()
     reason = str(keys.get("reason") or "")
     m.outcomes.labels(stage, outcome, reason).inc()
@@ -89,6 +94,8 @@ def count_outcome(stage: str, outcome: str, duration: float | None,
         m.durations.labels(stage).observe(duration)
     for step, seconds in (steps or {}).items():
         m.steps.labels(step).observe(seconds)
+    for step, seconds in (steps_cpu or {}).items():
+        m.step_cpu.labels(step).inc(seconds)
     if stage == "process":
         m.articles.labels(outcome, reason).inc()
     if stage == "publish":

@@ -90,6 +90,9 @@ def test_a_worker_serves_metrics_that_move_with_the_work(
     for step in ("extract", "dedup", "classify", "store"):
         assert sample(after, "talkwire_step_duration_seconds_count", step=step) == 3, step
     assert sample(after, "talkwire_step_duration_seconds_sum", step="extract") > 0
+    # Extraction is all CPU; the task thread's CPU can never exceed its wall time.
+    extract_cpu = sample(after, "talkwire_step_cpu_seconds_total", step="extract")
+    assert 0 < extract_cpu <= sample(after, "talkwire_step_duration_seconds_sum", step="extract")
     assert sum(sample(after, "talkwire_dedup_decisions_total", method=m)
                for m in ("unique", "exact", "near", "update", "url")) == 3
     assert sum(v for (name, _), v in after.items() if name == "talkwire_labels_total") == 3
@@ -106,9 +109,13 @@ def test_a_worker_serves_metrics_that_move_with_the_work(
                                                  "store")]
         assert all(isinstance(ms, (int, float)) and ms >= 0 for ms in spent), line
         assert sum(spent) <= line["duration_ms"] + 0.5, line  # each rounded to 0.1 ms
+        for step in ("fetch", "extract", "dedup", "classify", "store"):
+            assert 0 <= line[f"{step}_cpu_ms"] <= line[f"{step}_ms"] + 0.1, (step, line)
+        assert line["extract_cpu_ms"] > 0, line
     [blocked] = [line for line in outcomes if line.get("reason") == "blocked_address"]
     assert isinstance(blocked["fetch_ms"], (int, float)) and blocked["fetch_ms"] >= 0
     assert "extract_ms" not in blocked and "store_ms" not in blocked
+    assert "fetch_cpu_ms" in blocked and "extract_cpu_ms" not in blocked
 
     # The operator's view of the same state.
     shown = talkwire("status")
