@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> Celery:
             "talkwire.dispatch_due_feeds": {"queue": POLL_QUEUE},
             "talkwire.sweep_stale_work": {"queue": POLL_QUEUE},
             "talkwire.process_article": {"queue": PROCESS_QUEUE},
+            "talkwire.process_articles": {"queue": PROCESS_QUEUE},
             "talkwire.relink_round": {"queue": PROCESS_QUEUE},
             "talkwire.ingest_url": {"queue": INTAKE_QUEUE},
             "talkwire.ingest_document": {"queue": INTAKE_QUEUE},

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Claimed polls per message: one worker thread polls them in turn, which spares the broker
     # and the worker most of their per-message cost (the poll benchmark measures it).
     poll_batch: int = Field(default=10, ge=1, le=100)
+    # Articles per process message: one child processes them in turn, sharing the broker's
+    # and Celery's cost of a message among them (ops/bench pipeline). 1: a message each.
+    process_batch: int = Field(default=4, ge=1, le=100)
 
     task_soft_time_limit: int = Field(default=120, ge=1)
     task_time_limit: int = Field(default=150, ge=1)

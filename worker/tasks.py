@@ -26,6 +26,7 @@ from worker.errors import Overrun
 from worker.logs import log_outcome
 
 _LOG = logging.getLogger("talkwire.intake")
+_PROCESS_LOG = logging.getLogger("talkwire.process")
 _CONTEXT: pipeline.Context | None = None
 _CONTEXT_PID: int | None = None
 
@@ -97,10 +98,22 @@ def enqueue_poll(feed_id: int, slot: int, *, countdown: float | None = None,
 
 
 def enqueue_articles(article_ids: Iterable[int]) -> None:
-    """Send one process task per article (call only after the rows committed)."""
+    """Send the process tasks of articles, TALKWIRE_PROCESS_BATCH to a message (call only
+    after the rows committed)."""
     ids = list(article_ids)
-    if ids:
-        _send_many("talkwire.process_article", ([i] for i in ids), PROCESS_QUEUE)
+    size = current_app.talkwire_settings.process_batch  # type: ignore[attr-defined]
+    chunks = [ids[n:n + size] for n in range(0, len(ids), size)]
+    _send_many("talkwire.process_article", ([c[0]] for c in chunks if len(c) == 1),
+               PROCESS_QUEUE)
+    _send_many("talkwire.process_articles", ([c] for c in chunks if len(c) > 1), PROCESS_QUEUE)
+
+
+def _send_retry(article_id: int, *, retries: int, countdown: float) -> None:
+    """Send one article on alone as talkwire.process_article, as its `retries`-th retry."""
+    publish_with_backoff(lambda: current_app.send_task(
+        "talkwire.process_article", args=[article_id], queue=PROCESS_QUEUE,
+        countdown=countdown, retries=retries), bound=_publish_bound(),
+        task="talkwire.process_article")
 
 
 def _backoff(retries: int, retry_after: float | None) -> float:
@@ -220,6 +233,62 @@ def process_article(self: Task, article_id: object) -> None:
     if outcome.outcome == "retry":
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
     enqueue_relinks(outcome.changed_rounds)
+
+
+def _id_list(value: object) -> list[int] | None:
+    if not isinstance(value, list) or not 0 < len(value) <= 100:
+        return None
+    ids = [_message_id(item) for item in value]
+    return None if None in ids else ids  # type: ignore[return-value]
+
+
+@shared_task(name="talkwire.process_articles", bind=True, max_retries=None)
+def process_articles(self: Task, article_ids: object) -> None:
+    """Process a batch of articles in turn (TALKWIRE_PROCESS_BATCH to a message).
+
+    Each article keeps the rules of talkwire.process_article: one that must be retried, or
+    that outran the soft time limit, is sent on alone as that task's next retry, and the
+    others go on. Articles not started by half the soft limit go back as a batch, so every
+    article started here has at least half of it."""
+    ids = _id_list(article_ids)
+    if ids is None:
+        log_outcome("process", "failed", reason="malformed_message",
+                    payload=repr(article_ids)[:200])
+        return
+    ctx = get_context()
+    s = ctx.settings
+    started = time.monotonic()
+    deadline, stop_at = started + s.task_soft_time_limit, started + s.task_soft_time_limit / 2
+    retries = self.request.retries
+    final = retries >= s.max_retries
+    changed: list[str] = []
+    try:
+        for n, aid in enumerate(ids):
+            if n and time.monotonic() > stop_at:
+                enqueue_articles(ids[n:])
+                return
+            try:
+                outcome = pipeline.process_article(ctx, aid, final_attempt=final,
+                                                   deadline=deadline)
+            except psycopg.OperationalError as exc:
+                raise self.retry(exc=exc, args=[ids[n:]], countdown=_backoff(retries, None))
+            except (SoftTimeLimitExceeded, Overrun):
+                if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
+                    _send_retry(aid, retries=retries + 1, countdown=_backoff(retries, None))
+                # Past the soft limit the hard one is near: the rest go back as a batch.
+                enqueue_articles(ids[n + 1:])
+                return
+            except Exception:  # noqa: BLE001 - one article's bug must not hold up the others
+                # As when talkwire.process_article fails this way: the article stays leased
+                # and the sweeper sends it again once the lease runs out.
+                _PROCESS_LOG.exception("processing failed", extra={"article_id": aid})
+                continue
+            if outcome.outcome == "retry":
+                _send_retry(aid, retries=retries + 1,
+                            countdown=_backoff(retries, outcome.retry_after))
+            changed.extend(outcome.changed_rounds)
+    finally:
+        enqueue_relinks(dict.fromkeys(changed))  # each changed round once, after its commit
 
 
 def enqueue_relinks(round_ids: Iterable[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Callable
 
 import psycopg
@@ -111,3 +113,33 @@ def test_a_killed_worker_loses_no_article(
     wait_for(lambda: stored_count(db) == 4, 90, "all four articles after the kill")
     rows = db.execute("SELECT url, state FROM articles ORDER BY id").fetchall()
     assert rows == [(url, "stored") for url in urls]
+
+
+def test_a_batch_message_processes_each_article_and_sends_a_failing_one_on_alone(
+        db: psycopg.Connection, site: SiteServer, app: Celery,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    # Nothing listens on a port just released: a connect_error, retried alone, then given up.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/story.html"
+    urls = [site.url("pages/astana4-arrival.html"), closed, site.url("pages/no-such-page.html"),
+            site.url("pages/geneve6-cloture.html")]
+    ids = [store.add_article_url(db, url, origin="cli")[0] for url in urls]
+    worker = start_worker()
+    worker.wait_ready()
+    app.send_task("talkwire.process_articles", args=[ids])
+    app.send_task("talkwire.process_articles", args=[["not an id", ids[0]]])
+    wait_for(lambda: stored_count(db) == 4, 60, "every article of the batch to finish")
+
+    rows = db.execute("SELECT url, state, fail_reason, fail_detail FROM articles ORDER BY id"
+                      ).fetchall()
+    assert [r[:3] for r in rows] == [(urls[0], "stored", None), (closed, "failed", "connect_error"),
+                                     (urls[2], "failed", "http_404"), (urls[3], "stored", None)]
+    assert rows[1][3].startswith("gave up after retries")
+    log = worker.output()
+    # One message for the four; the unreachable one went on alone for each of its retries
+    # (TALKWIRE_MAX_RETRIES=2), and the malformed batch was refused without harm.
+    assert len(re.findall(r"talkwire\.process_articles\[[^]]+\] received", log)) == 2
+    assert len(re.findall(r"talkwire\.process_article\[[^]]+\] received", log)) == 2
+    assert '"reason": "malformed_message"' in log
+    assert db.execute("SELECT count(*) FROM articles").fetchone() == (4,)
