@@ -48,21 +48,29 @@ def _publish_bound() -> float:
     return current_app.talkwire_settings.publish_backoff_max  # type: ignore[attr-defined,no-any-return]
 
 
+Message = tuple[str, list[object], dict[str, Any]]  # task name, args, send_task options
+
+
 def _send_many(name: str, arg_lists: Iterable[Sequence[object]], queue: str) -> None:
     """Send one task per argument list through one Redis pipeline (kombu Producer.batch),
     backing off while Redis is out of memory."""
+    _send_messages([(name, list(args), {"queue": queue}) for args in arg_lists], task=name)
+
+
+def _send_messages(messages: Sequence[Message], *, task: str) -> None:
+    """Send tasks, of one name or several, through one Redis pipeline (kombu
+    Producer.batch), backing off while Redis is out of memory."""
     # One round trip per 500 messages instead of one each: a beat tick over 10,000 due feeds
     # spends a third less on sending. Enqueue happens after commit, so a batch lost to a
     # crash is resent by the lease (polls) or the sweeper (articles), like any lost message.
-    args_list = [list(args) for args in arg_lists]
 
     def send() -> None:
         with current_app.producer_or_acquire() as producer, producer.batch(max_size=500):
-            for args in args_list:
-                current_app.send_task(name, args=args, queue=queue, producer=producer)
+            for name, args, options in messages:
+                current_app.send_task(name, args=args, producer=producer, **options)
 
-    if args_list:
-        publish_with_backoff(send, bound=_publish_bound(), task=name, count=len(args_list))
+    if messages:
+        publish_with_backoff(send, bound=_publish_bound(), task=task, count=len(messages))
 
 
 def enqueue_polls(feeds: Sequence[store.FeedRow], batch: int = 1) -> None:
@@ -100,20 +108,17 @@ def enqueue_poll(feed_id: int, slot: int, *, countdown: float | None = None,
 def enqueue_articles(article_ids: Iterable[int]) -> None:
     """Send the process tasks of articles, TALKWIRE_PROCESS_BATCH to a message (call only
     after the rows committed)."""
-    ids = list(article_ids)
+    _send_messages(_article_messages(list(article_ids)), task="talkwire.process_articles")
+
+
+def _article_messages(ids: Sequence[int]) -> list[Message]:
+    """talkwire.process_articles messages of TALKWIRE_PROCESS_BATCH ids; one left over goes
+    alone as talkwire.process_article."""
     size = current_app.talkwire_settings.process_batch  # type: ignore[attr-defined]
-    chunks = [ids[n:n + size] for n in range(0, len(ids), size)]
-    _send_many("talkwire.process_article", ([c[0]] for c in chunks if len(c) == 1),
-               PROCESS_QUEUE)
-    _send_many("talkwire.process_articles", ([c] for c in chunks if len(c) > 1), PROCESS_QUEUE)
-
-
-def _send_retry(article_id: int, *, retries: int, countdown: float) -> None:
-    """Send one article on alone as talkwire.process_article, as its `retries`-th retry."""
-    publish_with_backoff(lambda: current_app.send_task(
-        "talkwire.process_article", args=[article_id], queue=PROCESS_QUEUE,
-        countdown=countdown, retries=retries), bound=_publish_bound(),
-        task="talkwire.process_article")
+    chunks = [list(ids[n:n + size]) for n in range(0, len(ids), size)]
+    return [("talkwire.process_articles", [chunk], {"queue": PROCESS_QUEUE}) if len(chunk) > 1
+            else ("talkwire.process_article", chunk, {"queue": PROCESS_QUEUE})
+            for chunk in chunks]
 
 
 def _backoff(retries: int, retry_after: float | None) -> float:
@@ -246,10 +251,13 @@ def _id_list(value: object) -> list[int] | None:
 def process_articles(self: Task, article_ids: object) -> None:
     """Process a batch of articles in turn (TALKWIRE_PROCESS_BATCH to a message).
 
-    Each article keeps the rules of talkwire.process_article: one that must be retried, or
-    that outran the soft time limit, is sent on alone as that task's next retry, and the
-    others go on. Articles not started by half the soft limit go back as a batch, so every
-    article started here has at least half of it."""
+    Each article keeps the rules of talkwire.process_article: one that must be retried is
+    sent on alone as that task's next retry, and the others go on. Only the first article is
+    sure of the whole soft time limit, so only it is charged a retry for outrunning it; a
+    later one goes back, first of a new batch, with the articles not yet started. No article
+    starts past half the soft limit (less when the fetch deadline and a publish backing off
+    need more), and what is left goes back as new messages, sent together at the end."""
+    started = time.monotonic()  # Celery's soft limit counts from here
     ids = _id_list(article_ids)
     if ids is None:
         log_outcome("process", "failed", reason="malformed_message",
@@ -257,38 +265,58 @@ def process_articles(self: Task, article_ids: object) -> None:
         return
     ctx = get_context()
     s = ctx.settings
-    started = time.monotonic()
-    deadline, stop_at = started + s.task_soft_time_limit, started + s.task_soft_time_limit / 2
+    soft = s.task_soft_time_limit
+    deadline = started + soft
+    stop_at = started + max(1.0, min(soft / 2, soft - s.fetch_deadline - s.publish_backoff_max - 5))
     retries = self.request.retries
     final = retries >= s.max_retries
-    changed: list[str] = []
+    later: list[Message] = []  # single articles' retries
+    changed: list[str] = []  # rounds whose links changed
+    n, db_error = 0, None
     try:
-        for n, aid in enumerate(ids):
-            if n and time.monotonic() > stop_at:
-                enqueue_articles(ids[n:])
-                return
+        while n < len(ids) and not (n and time.monotonic() > stop_at):
+            aid = ids[n]
             try:
                 outcome = pipeline.process_article(ctx, aid, final_attempt=final,
                                                    deadline=deadline)
             except psycopg.OperationalError as exc:
-                raise self.retry(exc=exc, args=[ids[n:]], countdown=_backoff(retries, None))
+                db_error = exc  # the database is away: this one and the rest retry together
+                break
             except (SoftTimeLimitExceeded, Overrun):
-                if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
-                    _send_retry(aid, retries=retries + 1, countdown=_backoff(retries, None))
-                # Past the soft limit the hard one is near: the rest go back as a batch.
-                enqueue_articles(ids[n + 1:])
-                return
+                if n == 0:
+                    if pipeline.end_overrun_article(ctx, aid, final_attempt=final) == "retry":
+                        later.append(_retry_message(aid, retries, None))
+                    n += 1
+                else:
+                    pipeline.end_overrun_article(ctx, aid, final_attempt=False)
+                break  # past the soft limit the hard one is near
             except Exception:  # noqa: BLE001 - one article's bug must not hold up the others
                 # As when talkwire.process_article fails this way: the article stays leased
                 # and the sweeper sends it again once the lease runs out.
                 _PROCESS_LOG.exception("processing failed", extra={"article_id": aid})
+                n += 1
                 continue
             if outcome.outcome == "retry":
-                _send_retry(aid, retries=retries + 1,
-                            countdown=_backoff(retries, outcome.retry_after))
+                later.append(_retry_message(aid, retries, outcome.retry_after))
             changed.extend(outcome.changed_rounds)
-    finally:
-        enqueue_relinks(dict.fromkeys(changed))  # each changed round once, after its commit
+            n += 1
+    except SoftTimeLimitExceeded:
+        pass  # it came between articles: what is left goes back below
+    # One send for all of it, so a full Redis costs one bounded backoff. Lost with the
+    # worker, these articles are pending and unleased: the sweeper sends them again.
+    rest = [] if db_error is not None else _article_messages(ids[n:])
+    relinks = [("talkwire.relink_round", [r], {"queue": PROCESS_QUEUE})
+               for r in dict.fromkeys(changed)]
+    _send_messages([*later, *rest, *relinks], task="talkwire.process_articles")
+    if db_error is not None:
+        raise self.retry(exc=db_error, args=[ids[n:]], countdown=_backoff(retries, None))
+
+
+def _retry_message(article_id: int, retries: int, retry_after: float | None) -> Message:
+    """One article sent on alone as talkwire.process_article's next retry."""
+    return ("talkwire.process_article", [article_id],
+            {"queue": PROCESS_QUEUE, "retries": retries + 1,
+             "countdown": _backoff(retries, retry_after)})
 
 
 def enqueue_relinks(round_ids: Iterable[str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Callable
 
 import psycopg
@@ -36,7 +35,8 @@ def test_feed_to_stored_articles_and_a_repoll_stores_nothing_twice(
         start_worker: Callable[..., WorkerProcess]) -> None:
     store.add_feed(db, site.url("feeds/wire-en.xml"))
     store.add_feed(db, site.url("feeds/depeches-fr.atom"))
-    start_worker().wait_ready()
+    worker = start_worker()
+    worker.wait_ready()
     dispatch(app)
     wait_for(lambda: stored_count(db) == 4, 60, "four articles stored")
 
@@ -61,6 +61,8 @@ def test_feed_to_stored_articles_and_a_repoll_stores_nothing_twice(
              30, "second poll of both feeds")
     assert db.execute("SELECT count(*) FROM articles").fetchone()[0] == 4
     assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 4
+    # A poll's new articles went TALKWIRE_PROCESS_BATCH to a message, not one each.
+    assert re.search(r"talkwire\.process_articles\[[^]]+\] received", worker.output())
 
 
 def test_a_redirect_to_the_metadata_address_is_refused_and_recorded(
@@ -118,10 +120,9 @@ def test_a_killed_worker_loses_no_article(
 def test_a_batch_message_processes_each_article_and_sends_a_failing_one_on_alone(
         db: psycopg.Connection, site: SiteServer, app: Celery,
         start_worker: Callable[..., WorkerProcess]) -> None:
-    # Nothing listens on a port just released: a connect_error, retried alone, then given up.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/story.html"
+    # Port 9 on loopback (discard) has no listener: a connect_error, retried alone, then
+    # given up.
+    closed = "http://127.0.0.1:9/story.html"
     urls = [site.url("pages/astana4-arrival.html"), closed, site.url("pages/no-such-page.html"),
             site.url("pages/geneve6-cloture.html")]
     ids = [store.add_article_url(db, url, origin="cli")[0] for url in urls]

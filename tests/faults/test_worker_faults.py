@@ -161,6 +161,29 @@ def test_a_page_that_outruns_the_soft_limit_once_is_stored_on_its_retry(
            expected=1, stored=1, recover_s=stored_after, peak_mb=peak_rss_mb(worker))
 
 
+def test_in_a_batch_only_the_page_that_outruns_the_soft_limit_pays_for_it(
+        db: psycopg.Connection, hostile_site: SiteServer, app: Celery,
+        spawn: Callable[..., WorkerProcess]) -> None:
+    worker = spawn(SHORT_SOFT_LIMIT, concurrency=1)
+    worker.wait_ready()
+    urls = [hostile_site.url(path) for path in (
+        "html/sections", "ok/fr.html", "html/sections", "pages/astana4-arrival.html")]
+    urls[2] += "?again"  # the same heavy page under a second URL, third in the batch
+    ids = [store.add_article_url(db, url, origin="cli")[0] for url in urls]
+    app.send_task("talkwire.process_articles", args=[ids])
+    wait_for(lambda: count_states(db) == {"failed": 2, "stored": 2}, 90,
+             "the heavy pages to fail and the others to be stored")
+    heavy_first, light, heavy_third, last = (article_row(db, i) for i in ids)
+    # First in the batch, the heavy page had the whole soft limit: it overran, went on alone
+    # for its one retry (TALKWIRE_MAX_RETRIES=1), overran again and was given up.
+    assert (heavy_first["fail_reason"], heavy_first["attempts"]) == ("time_limit", 2)
+    # Third, it had less: it went back first of a new batch (not charged a retry), then alone.
+    assert heavy_third["fail_reason"] == "time_limit" and heavy_third["attempts"] == 3
+    assert light["state"] == last["state"] == "stored"
+    assert len(re.findall(r"talkwire\.process_articles\[[^]]+\] received",
+                          worker.output())) == 3  # the batch, then what was left twice
+
+
 def test_an_extraction_that_ends_past_the_soft_limit_is_not_stored_late(
         db: psycopg.Connection, hostile_site: SiteServer, ctx: pipeline.Context) -> None:
     # The soft limit's signal can be lost (raised inside a __del__, Python drops it, as the
