@@ -7,6 +7,7 @@ prefix, so two runs side by side never see each other's rows or queues.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 import psycopg
 import pytest
 
@@ -79,6 +81,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     data_dir = Path(tempfile.mkdtemp(prefix="twtest-"))
     services = start_embedded(data_dir)
     yield services.admin_url, services.redis_url
+    # Stopped here, before their directory goes: at exit pgserver stops its server only if
+    # no other process ever attached, and pg_ctl cannot stop a server whose directory is
+    # gone, so a run could leave both servers behind.
+    for pid, stop in ((services.postgres.get_pid(), signal.SIGINT),  # Postgres: fast shutdown
+                      (services.redis.pid, signal.SIGTERM)):
+        with contextlib.suppress(psutil.NoSuchProcess, TypeError, ValueError):
+            server = psutil.Process(pid)
+            server.send_signal(stop)
+            try:
+                server.wait(15)
+            except psutil.TimeoutExpired:
+                server.kill()
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
