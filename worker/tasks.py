@@ -305,9 +305,8 @@ def process_articles(self: Task, article_ids: object) -> None:
     # One send for all of it, so a full Redis costs one bounded backoff. Lost with the
     # worker, these articles are pending and unleased: the sweeper sends them again.
     rest = [] if db_error is not None else _article_messages(ids[n:])
-    relinks = [("talkwire.relink_round", [r], {"queue": PROCESS_QUEUE})
-               for r in dict.fromkeys(changed)]
-    _send_messages([*later, *rest, *relinks], task="talkwire.process_articles")
+    _send_messages([*later, *rest, *_relink_messages(dict.fromkeys(changed))],
+                   task="talkwire.process_articles")
     if db_error is not None:
         raise self.retry(exc=db_error, args=[ids[n:]], countdown=_backoff(retries, None))
 
@@ -321,7 +320,11 @@ def _retry_message(article_id: int, retries: int, retry_after: float | None) -> 
 
 def enqueue_relinks(round_ids: Iterable[str]) -> None:
     """Send one relink task per changed round (call only after the change committed)."""
-    _send_many("talkwire.relink_round", ([r] for r in round_ids), PROCESS_QUEUE)
+    _send_messages(_relink_messages(round_ids), task="talkwire.relink_round")
+
+
+def _relink_messages(round_ids: Iterable[str]) -> list[Message]:
+    return [("talkwire.relink_round", [r], {"queue": PROCESS_QUEUE}) for r in round_ids]
 
 
 @shared_task(name="talkwire.relink_round", bind=True, max_retries=None)

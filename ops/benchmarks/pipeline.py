@@ -41,8 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -552,49 +551,36 @@ def print_breakdown(settings: object, base: str, routes: dict[str, Callable[...,
 
     CPU is this thread's time (time.thread_time): the page server's threads in this process
     are not counted."""
-    from worker import dedup, pipeline
+    from worker import pipeline
     from worker.errors import Permanent
-    from worker.extract import extract_article
-    from worker.fetch import fetch_url
+    from worker.logs import Steps
 
     for i in range(count):
         routes[f"b/{i}.html"] = site.page_route(i)
     ctx = pipeline.open_context(settings)  # type: ignore[arg-type]
     cpu = dict.fromkeys(STEPS[:4], 0.0)
 
-    @contextmanager
-    def timed(step: str) -> Iterator[None]:
-        begun = time.thread_time()
+    def steps_of(url: str) -> Steps:
+        """The service's own steps on one page (pipeline.read_page, then classify)."""
+        steps = Steps()
         try:
-            yield
-        finally:
-            cpu[step] += time.thread_time() - begun
+            _, article, _ = pipeline.read_page(ctx, url, steps)
+        except Permanent:  # no text: the service fails it after the same extraction
+            return steps
+        with steps.timed("classify"):
+            pipeline.classify_text(ctx, title=article.title, text=article.text,
+                                   language=article.language, published=article.published)
+        return steps
 
     try:
         # Untimed first: trafilatura and the classifier load their data on first use, and
         # that one-off cost would otherwise land on the first page's steps.
         for i in range(count):
-            try:
-                warm = extract_article(fetch_url(f"{base}/b/{i}.html", ctx.limits,
-                                                 client=ctx.http))
-            except Permanent:
-                continue
-            pipeline.classify_text(ctx, title=warm.title, text=warm.text,
-                                   language=warm.language, published=warm.published)
-            break
+            if "classify" in steps_of(f"{base}/b/{i}.html").cpu:
+                break
         for i in range(count):
-            with timed("fetch"):
-                page = fetch_url(f"{base}/b/{i}.html", ctx.limits, client=ctx.http)
-            try:
-                with timed("extract"):
-                    article = extract_article(page)
-            except Permanent:  # no text: the service fails it after the same extraction
-                continue
-            with timed("dedup"):
-                dedup.sign_text(article.text, article.title)
-            with timed("classify"):
-                pipeline.classify_text(ctx, title=article.title, text=article.text,
-                                       language=article.language, published=article.published)
+            for step, seconds in steps_of(f"{base}/b/{i}.html").cpu.items():
+                cpu[step] += seconds
     finally:
         ctx.close()
     print(f"each step alone in one process, mean CPU over {count} pages (no Celery, no "
@@ -658,15 +644,15 @@ def print_service_steps(log: Path, prefix: str, service_cpu: float, bare_cpu: fl
     needed = sum(totals[f"{step}_cpu"] for step in STEPS[:4]) / count
     if not needed:
         return
-    rest = 1000 * service_cpu - needed
+    others = 1000 * service_cpu - needed
     print(f"  CPU of fetch, extract, dedup and classify: {needed:.1f} ms; of the rest of the "
-          f"service (storing, Celery, Postgres, polling): {rest:.1f} ms")
+          f"service (storing, Celery, Postgres, polling): {others:.1f} ms")
     print(f"  with extraction at its cost here, no queue and no database would give at most "
           f"{extract / needed:.2f}, and 0.85 leaves {extract / 0.85 - needed:.1f} ms for the rest")
     for name, cpu in (("in as many processes", bare_cpu), ("at its best", best_cpu)):
         if cpu is not None:
             print(f"  against bare {name} ({1000 * cpu:.1f} ms CPU/page), 0.85 leaves "
-                  f"{1000 * cpu / 0.85 - needed:.1f} ms for the rest (it took {rest:.1f})")
+                  f"{1000 * cpu / 0.85 - needed:.1f} ms for the rest (it took {others:.1f})")
 
 
 def print_rss(sampler: RssSampler, articles: int) -> None:
