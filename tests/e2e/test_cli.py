@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -92,6 +93,19 @@ def test_run_once_on_the_embedded_default_needs_no_setup() -> None:
                           if "articles stored  " in line).split("│")[2])
         assert stored == demo_page_count()
         assert (Path(data_dir) / "postgres" / "PG_VERSION").exists()
+        # Nobody else uses its servers, so the run stops them as it exits.
+        wait_for(lambda: not servers_under(Path(data_dir)), 20,
+                 "the embedded Postgres and Redis to stop")
+
+
+def servers_under(data_dir: Path) -> list[str]:
+    """Command lines of the processes working in data_dir (the embedded servers do)."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "cmdline"]):
+        cwd = proc.info["cwd"]
+        if cwd and Path(cwd).is_relative_to(data_dir):
+            found.append(" ".join(proc.info["cmdline"] or ()))
+    return found
 
 
 def test_ping_sees_a_running_worker(run_env: dict[str, str],
