@@ -260,14 +260,19 @@ def place_in_story(conn: psycopg.Connection, article_id: int, current_story: int
         moved = store.merge_story(conn, other, survivor)
         store.record_story_change(conn, "story_merged", story_id=survivor, article_id=article_id,
                                   other_story_id=other, detail={"members_moved": moved})
+    if current_story is None and len(joined) == 1:
+        # One new member and nothing else moved: count it in, without re-reading the story.
+        _refresh(conn, survivor, joined_by=article_id)
+        return survivor
     touched.add(survivor)
     for story_id in sorted(touched):
         _refresh(conn, story_id)
     return survivor
 
 
-def _refresh(conn: psycopg.Connection, story_id: int) -> None:
-    refreshed = store.refresh_story(conn, story_id)
+def _refresh(conn: psycopg.Connection, story_id: int, *, joined_by: int | None = None) -> None:
+    refreshed = (store.refresh_story(conn, story_id) if joined_by is None
+                 else store.add_story_member(conn, story_id, joined_by))
     if refreshed and refreshed.old_representative_id != refreshed.representative_id:
         store.record_story_change(conn, "representative_changed", story_id=story_id,
                                   article_id=refreshed.representative_id,

@@ -1234,8 +1234,19 @@ def count_story_members(conn: psycopg.Connection, story_id: int) -> int:
     return int(row[0]) if row else 0
 
 
+def lock_story(conn: psycopg.Connection, story_id: int) -> None:
+    """Hold a story's row until commit, so the next statement reads its members after any
+    concurrent filing into it has committed (a statement's snapshot is taken when it starts,
+    and one that waits on the row would count without the other's member)."""
+    conn.execute("SELECT 1 FROM stories WHERE id = %s FOR UPDATE", (story_id,))
+
+
 def refresh_story(conn: psycopg.Connection, story_id: int) -> StoryRefresh | None:
-    """Recount a story and re-pick its representative: the most complete text, then earliest."""
+    """Recount a story and re-pick its representative: the most complete text, then earliest.
+
+    Reads every member: for a story whose membership only grew by one, add_story_member
+    does the same in constant time."""
+    lock_story(conn, story_id)
     row = conn.execute(
         "WITH best AS ("
         "  SELECT id, count(*) OVER () AS n FROM articles"
@@ -1247,6 +1258,29 @@ def refresh_story(conn: psycopg.Connection, story_id: int) -> StoryRefresh | Non
         " FROM best, old WHERE s.id = %(s)s"
         " RETURNING s.id, old.representative_id, s.representative_id, s.member_count",
         {"s": story_id},
+    ).fetchone()
+    return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def add_story_member(conn: psycopg.Connection, story_id: int,
+                     article_id: int) -> StoryRefresh | None:
+    """Count an article that has just joined a story, and make it the representative if it
+    beats the current one by refresh_story's order.
+
+    Reads two articles instead of every member: a wire story copied by hundreds of outlets
+    would otherwise re-read all of them for each copy (ops/bench pipeline)."""
+    lock_story(conn, story_id)
+    row = conn.execute(
+        "WITH old AS (SELECT representative_id FROM stories WHERE id = %(s)s),"
+        " best AS ("
+        "  SELECT a.id FROM articles a, old"
+        "  WHERE a.id IN (old.representative_id, %(a)s) AND a.state = 'stored'"
+        "  ORDER BY a.shingle_count DESC NULLS LAST, a.published_at NULLS LAST, a.id LIMIT 1)"
+        " UPDATE stories s SET representative_id = best.id, member_count = s.member_count + 1,"
+        "   updated_at = now()"
+        " FROM best, old WHERE s.id = %(s)s"
+        " RETURNING s.id, old.representative_id, s.representative_id, s.member_count",
+        {"s": story_id, "a": article_id},
     ).fetchone()
     return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 

@@ -54,3 +54,23 @@ def test_concurrent_migrations_apply_each_file_once(empty_db: str) -> None:
     assert not errors
     applied = [name for result in results for name in result]
     assert sorted(applied) == sorted(p.stem for p in store.MIGRATIONS_DIR.glob("[0-9]*.sql"))
+
+
+def test_article_texts_are_compressed_with_lz4_where_the_server_has_it(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        store.apply_migrations(conn)
+        try:
+            conn.execute("CREATE TEMP TABLE probe (b text COMPRESSION lz4)")
+            expected = "lz4"
+        except psycopg.errors.FeatureNotSupported:
+            expected = "pglz"  # a build without lz4: the migration leaves the default
+        body = "Les garants se sont entendus sur quatre zones de désescalade. " * 60
+        article_id = conn.execute("INSERT INTO articles (url, state, body) VALUES (%s, 'stored', %s)"
+                                  " RETURNING id", ("https://example.org/a", body)).fetchone()[0]
+        conn.execute("INSERT INTO article_versions (article_id, version, body, content_hash,"
+                     " fingerprint, fetched_by, material) VALUES (%s, 1, %s, 'h', 'f', %s, true)",
+                     (article_id, body, article_id))
+        stored = conn.execute(
+            "SELECT pg_column_compression(a.body), pg_column_compression(v.body)"
+            " FROM articles a JOIN article_versions v ON v.article_id = a.id").fetchone()
+        assert stored == (expected, expected)
