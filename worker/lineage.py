@@ -204,10 +204,15 @@ def find_matches(conn: psycopg.Connection, article_id: int, text: str, title: st
         return []
     shingles = dedup.shingle_words(dedup.body_words(text, title))
     matches: list[Match] = []
+    # Equal fingerprints mean equal words (body_words), so one comparison serves every copy.
+    by_fingerprint: dict[str, dedup.Similarity] = {}
     for cand in store.get_candidate_texts(conn, list(shared)):
+        key = cand.fingerprint or f"id:{cand.id}"
+        if cand.body is not None:
+            by_fingerprint[key] = dedup.compare_texts(shingles, cand.body, cand.title)
         if cand.story_id is None:
             continue  # stored before dedup existed; a backfill files it
-        sim = dedup.compare_texts(shingles, cand.body, cand.title)
+        sim = by_fingerprint[key]
         method = dedup.classify_match(sim)
         if method is not None:
             matches.append(Match(cand.id, cand.story_id, method, round(sim.containment, 4),

@@ -1001,13 +1001,17 @@ class DedupRow:
 
 @dataclass(frozen=True)
 class CandidateRow:
-    """A stored article that may be a copy of a new one: its text and its story."""
+    """A stored article that may be a copy of a new one: its text and its story.
+
+    `body` is None when an earlier candidate in the same answer has the same fingerprint,
+    hence the same words to compare."""
 
     id: int
     title: str | None
-    body: str
+    body: str | None
     story_id: int | None
     shingle_count: int | None
+    fingerprint: str | None
 
 
 @dataclass(frozen=True)
@@ -1118,10 +1122,17 @@ def find_band_candidates(conn: psycopg.Connection, band_keys: Sequence[int], *,
 
 
 def get_candidate_texts(conn: psycopg.Connection, article_ids: Sequence[int]) -> list[CandidateRow]:
-    """The latest text and story of stored articles, in id order."""
+    """The latest text and story of stored articles, in id order; each text only once.
+
+    A wire story copied word for word by many outlets fills the band lookup with its copies,
+    and their texts are one text: only the first copy of each fingerprint brings its body
+    (the others' is None), so it is read, sent and compared once."""
     with conn.cursor(row_factory=class_row(CandidateRow)) as cur:
         cur.execute(
-            "SELECT id, title, body, story_id, shingle_count FROM articles"
+            "SELECT id, title,"
+            " CASE WHEN row_number() OVER (PARTITION BY COALESCE(fingerprint, id::text)"
+            "   ORDER BY id) = 1 THEN body END AS body,"
+            " story_id, shingle_count, fingerprint FROM articles"
             " WHERE id = ANY(%s::bigint[]) AND state = 'stored' AND body IS NOT NULL ORDER BY id",
             (list(article_ids),),
         )

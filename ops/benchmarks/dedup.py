@@ -9,6 +9,9 @@
    and each page, trimmed by its last paragraph so that it is a near copy and not an exact
    one, is looked up with worker.lineage.find_matches (exact probe, band probe, candidate
    texts, verification): the call the pipeline makes.
+3. The same lookup when each story was copied word for word COPIES times (a wire story that
+   many outlets run unchanged): the copies fill the band lookup's candidates, and a near copy
+   is compared with their one text once.
 
 Runs against the Postgres server at DATABASE_URL when it is set (in a database of its own,
 dropped at the end), else an embedded one. Prints figures; asserts nothing.
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -221,6 +225,42 @@ def run_lookups(admin_url: str, extracted: list[tuple[Page, Article]], small: in
                     sql.Identifier(name)))
 
 
+def run_copied_lookups(admin_url: str, extracted: list[tuple[Page, Article]], copies: int,
+                       rounds: int) -> None:
+    """Time the lookup of a near copy whose story was copied word for word `copies` times."""
+    # A wire story that many outlets run unchanged: its copies share every band, so they fill
+    # the band lookup's candidates, and all of them are one text.
+    name = f"talkwire_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with psycopg.connect(with_database(admin_url, name), autocommit=True) as conn:
+            store.apply_migrations(conn)
+            copied = []
+            for page, article in extracted:
+                for k in range(copies + 1):
+                    url = f"{page.url}/copy-{k}"
+                    copied.append((replace(page, url=url, final_url=url),
+                                   replace(article, url=url, canonical_url=None)))
+            started = time.perf_counter()
+            store_real_pages(conn, copied)
+            filed = time.perf_counter() - started
+            probes = [(t, dedup.sign_text(t.text, t.title))
+                      for t in (trimmed(a) for _, a in extracted)]
+            best = (float("inf"), float("inf"), 0)
+            for round_no in range(rounds + 1):  # round 0 warms the caches
+                cost, probe, found = measure_round(conn, probes)
+                if round_no:
+                    best = (min(best[0], cost), min(best[1], probe), found)
+            print(f"{len(extracted)} stories, each copied word for word {copies} times (filed in "
+                  f"{filed:.1f} s): lookup of a near copy {best[0] * 1000:.3f} ms/article "
+                  f"(band probe {best[1] * 1000:.3f} ms), {best[2]}/{len(probes)} found their story")
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
 def main() -> None:
     """Parse arguments, run both measurements, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,6 +268,12 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1_000_000)
     parser.add_argument("--pages", type=int, default=200, help="real pages to use at most")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=lineage.MAX_CANDIDATES,
+                        help="word-for-word copies of each story in the copied-story lookup")
+    parser.add_argument("--copied-pages", type=int, default=50,
+                        help="stories in the copied-story lookup")
+    parser.add_argument("--copied-only", action="store_true",
+                        help="run only the copied-story lookup")
     args = parser.parse_args()
     pages, source = load_pages(args.pages)
     print(f"dedup bench: {source}; signature {dedup.SIGNATURE_METHOD}")
@@ -239,7 +285,9 @@ def main() -> None:
 
         embedded = start_embedded(Path(tempfile.mkdtemp(prefix="twbench-")))
         admin_url = embedded.admin_url
-    run_lookups(admin_url, extracted, args.small, args.large, args.rounds)
+    if not args.copied_only:
+        run_lookups(admin_url, extracted, args.small, args.large, args.rounds)
+    run_copied_lookups(admin_url, extracted[:args.copied_pages], args.copies, args.rounds)
 
 
 if __name__ == "__main__":

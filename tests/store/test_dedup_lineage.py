@@ -198,3 +198,23 @@ def test_a_bridging_article_merges_stories_and_a_rewrite_splits_one_out(
     assert split == [(head.filed.story_id, rewritten.filed.story_id)]
     assert db.execute("SELECT member_count FROM stories WHERE id = %s",
                       (head.filed.story_id,)).fetchone() == (2,)
+
+
+def test_a_near_copy_of_a_story_copied_word_for_word_matches_every_copy(
+        db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
+    # Three outlets run the dispatch unchanged; a fourth cuts its last paragraph.
+    for n in (1, 2, 3):
+        DYNAMIC[f"dyn/{n}.html"] = ("astana6-idlib-wire.html", None)
+    DYNAMIC["dyn/4.html"] = ("astana6-idlib-wire.html", slice(0, 7))
+    copies = [process_url(ctx, db, dyn_site.url(f"dyn/{n}.html")) for n in (1, 2, 3)]
+    assert [c.filed.method for c in copies if c.filed] == ["unique", "exact", "exact"]
+    cut = process_url(ctx, db, dyn_site.url("dyn/4.html"))
+    assert cut.filed and cut.filed.method == "near"
+    assert cut.filed.story_id == copies[0].filed.story_id  # type: ignore[union-attr]
+    # Matched against each copy, with the same evidence for each: one text, compared once.
+    evidence = db.execute("SELECT evidence FROM dedup_decisions WHERE article_id = %s",
+                          (cut.article_id,)).fetchone()[0]
+    assert evidence["matches"] == [c.article_id for c in copies]
+    story = db.execute("SELECT member_count, representative_id FROM stories WHERE id = %s",
+                       (cut.filed.story_id,)).fetchone()
+    assert story == (4, copies[0].article_id)  # the fuller text, first filed, represents it
