@@ -9,6 +9,7 @@ stories (created, merged, split, representative changed) and to versions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import psycopg
@@ -50,10 +51,13 @@ def _key(namespace: str, value: str) -> int:
                           "little", signed=True)
 
 
-def lock_for(conn: psycopg.Connection, *, urls: list[str], signature: dedup.Signature) -> None:
-    """Serialize against any concurrent filing of the same URL, text or near-copy."""
-    keys = [_key("url", u) for u in urls] + [_key("fp", signature.fingerprint),
-                                            *signature.band_keys]
+def lock_for(conn: psycopg.Connection, *, urls: list[str], signature: dedup.Signature,
+             also: Sequence[str] = ()) -> None:
+    """Serialize against any concurrent filing of the same URL, text or near-copy (and of
+    the texts whose fingerprints are in `also`)."""
+    fingerprints = (signature.fingerprint, *also)
+    keys = ([_key("url", u) for u in urls] + [_key("fp", fp) for fp in fingerprints]
+            + list(signature.band_keys))
     store.lock_dedup_keys(conn, keys)
 
 
@@ -109,10 +113,15 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
                          fetched_by=article_id, diff_summary=None, diff=None, material=True)
     store.upsert_signature(conn, article_id, version=1, shingle_count=signature.shingle_count,
                            band_keys=signature.band_keys, method=signature.method)
-    store.insert_bands(conn, article_id, signature.band_keys)
     matches = find_matches(conn, article_id, article.text, article.title, signature)
-    story_id = place_in_story(conn, article_id, None, matches)
     best = matches[0] if matches else None
+    if best is None or best.method != "exact":
+        # A word-for-word copy is not indexed: the text is, under its first copy, whose bands
+        # are the same keys. The band lookup then finds each text once, and a wire story run
+        # by a hundred outlets adds one set of band rows, not a hundred (add_version hands
+        # them on if that first copy's text changes).
+        store.insert_bands(conn, article_id, signature.band_keys)
+    story_id = place_in_story(conn, article_id, None, matches)
     if best is not None and best.method == "update":
         store.link_update(conn, article_id, best.article_id)
         store.record_story_change(conn, "article_updated", story_id=story_id,
@@ -136,7 +145,8 @@ def refile_article(conn: psycopg.Connection, article_id: int, *, page: Page, art
     row = store.get_dedup_row(conn, article_id)
     if row is None or row.state != "stored":
         return None
-    lock_for(conn, urls=[row.canonical_url or row.url], signature=signature)
+    lock_for(conn, urls=[row.canonical_url or row.url], signature=signature,
+             also=[row.fingerprint] if row.fingerprint else [])
     store.add_aliases(conn, article_id, [(page.final_url, "final")])
     filed = add_version(conn, article_id, page=page, article=article, signature=signature,
                         fetched_by=article_id)
@@ -166,6 +176,12 @@ def add_version(conn: psycopg.Connection, owner_id: int, *, page: Page, article:
                               fingerprint=signature.fingerprint,
                               shingle_count=signature.shingle_count, final_url=page.final_url)
     store.delete_bands(conn, owner_id)
+    if owner.fingerprint and owner.fingerprint != signature.fingerprint:
+        # Copies of the old text were filed without band rows (file_article): the oldest
+        # of them now carries the old text's bands. The old fingerprint's lock keeps a copy
+        # being filed meanwhile from going unseen (refile_article takes it with the rest).
+        store.lock_dedup_keys(conn, [_key("fp", owner.fingerprint)])
+        store.index_first_copy(conn, owner.fingerprint, exclude_id=owner_id)
     store.upsert_signature(conn, owner_id, version=version, shingle_count=signature.shingle_count,
                            band_keys=signature.band_keys, method=signature.method)
     store.insert_bands(conn, owner_id, signature.band_keys)

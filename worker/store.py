@@ -1169,6 +1169,19 @@ def insert_bands(conn: psycopg.Connection, article_id: int, band_keys: Sequence[
     )
 
 
+def index_first_copy(conn: psycopg.Connection, fingerprint: str, *, exclude_id: int) -> None:
+    """Give the oldest stored article with this fingerprint (other than exclude_id) the band
+    rows of its signature, unless it has them."""
+    conn.execute(
+        "INSERT INTO article_bands (band_key, article_id)"
+        " SELECT unnest(s.band_keys), s.article_id FROM article_signatures s"
+        " WHERE s.article_id = (SELECT min(id) FROM articles WHERE fingerprint = %s"
+        "   AND state = 'stored' AND id <> %s)"
+        " ON CONFLICT DO NOTHING",
+        (fingerprint, exclude_id),
+    )
+
+
 def insert_version(conn: psycopg.Connection, article_id: int, version: int, *,
                    title: str | None, body: str, content_hash: str, fingerprint: str,
                    final_url: str | None, fetched_by: int, diff_summary: str | None,

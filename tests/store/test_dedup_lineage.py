@@ -200,7 +200,12 @@ def test_a_bridging_article_merges_stories_and_a_rewrite_splits_one_out(
                       (head.filed.story_id,)).fetchone() == (2,)
 
 
-def test_a_near_copy_of_a_story_copied_word_for_word_matches_every_copy(
+def bands(db: psycopg.Connection, article_id: int) -> int:
+    return db.execute("SELECT count(*) FROM article_bands WHERE article_id = %s",
+                      (article_id,)).fetchone()[0]
+
+
+def test_a_story_copied_word_for_word_is_indexed_once_and_still_found(
         db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
     # Three outlets run the dispatch unchanged; a fourth cuts its last paragraph.
     for n in (1, 2, 3):
@@ -208,13 +213,31 @@ def test_a_near_copy_of_a_story_copied_word_for_word_matches_every_copy(
     DYNAMIC["dyn/4.html"] = ("astana6-idlib-wire.html", slice(0, 7))
     copies = [process_url(ctx, db, dyn_site.url(f"dyn/{n}.html")) for n in (1, 2, 3)]
     assert [c.filed.method for c in copies if c.filed] == ["unique", "exact", "exact"]
+    # One text, one set of band rows: under the first copy.
+    assert [bands(db, c.article_id) for c in copies] == [32, 0, 0]
     cut = process_url(ctx, db, dyn_site.url("dyn/4.html"))
     assert cut.filed and cut.filed.method == "near"
     assert cut.filed.story_id == copies[0].filed.story_id  # type: ignore[union-attr]
-    # Matched against each copy, with the same evidence for each: one text, compared once.
-    evidence = db.execute("SELECT evidence FROM dedup_decisions WHERE article_id = %s",
-                          (cut.article_id,)).fetchone()[0]
-    assert evidence["matches"] == [c.article_id for c in copies]
     story = db.execute("SELECT member_count, representative_id FROM stories WHERE id = %s",
                        (cut.filed.story_id,)).fetchone()
     assert story == (4, copies[0].article_id)  # the fuller text, first filed, represents it
+
+
+def test_when_the_indexed_copy_changes_its_text_the_next_copy_carries_the_bands(
+        db: psycopg.Connection, dyn_site: SiteServer, ctx: pipeline.Context) -> None:
+    for n in (1, 2, 3):
+        DYNAMIC[f"dyn/{n}.html"] = ("astana6-idlib-wire.html", None)
+    copies = [process_url(ctx, db, dyn_site.url(f"dyn/{n}.html")) for n in (1, 2, 3)]
+    wire_story = copies[0].filed.story_id  # type: ignore[union-attr]
+    # The first outlet replaces its page with another story altogether.
+    DYNAMIC["dyn/1.html"] = ("astana6-detainees.html", None)
+    rewritten = pipeline.refresh_article(ctx, copies[0].article_id)
+    assert rewritten.filed and rewritten.filed.new_version
+    assert rewritten.filed.story_id != wire_story
+    assert [bands(db, c.article_id) for c in copies] == [32, 32, 0]
+    # A near copy of the dispatch still finds the outlets that kept it.
+    DYNAMIC["dyn/4.html"] = ("astana6-idlib-wire.html", slice(0, 7))
+    cut = process_url(ctx, db, dyn_site.url("dyn/4.html"))
+    assert cut.filed and cut.filed.method == "near"
+    assert cut.filed.story_id == wire_story
+    assert cut.filed.matched_article_id == copies[1].article_id
