@@ -179,7 +179,10 @@ def add_version(conn: psycopg.Connection, owner_id: int, *, page: Page, article:
     if owner.fingerprint and owner.fingerprint != signature.fingerprint:
         # Copies of the old text were filed without band rows (file_article): the oldest
         # of them now carries the old text's bands. The old fingerprint's lock keeps a copy
-        # being filed meanwhile from going unseen (refile_article takes it with the rest).
+        # being filed meanwhile from going unseen. refile_article takes it with its other
+        # keys; on file_article's same-URL path it comes late, so a copy of the old text
+        # filed at that very moment can deadlock with it, and Postgres aborts one of the
+        # two (an OperationalError, retried like any other).
         store.lock_dedup_keys(conn, [_key("fp", owner.fingerprint)])
         store.index_first_copy(conn, owner.fingerprint, exclude_id=owner_id)
     store.upsert_signature(conn, owner_id, version=version, shingle_count=signature.shingle_count,
