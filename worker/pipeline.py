@@ -368,19 +368,37 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
     done = None
-    # The store step includes the pool checkout and the commit.
-    with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
-            conn.transaction():
-        if store.store_article(conn, article_id, page, article):
-            done = file_and_understand(conn, ctx, article_id, page=page, article=article,
-                                       signature=signature, urls=urls, result=result,
-                                       published=published, origin=row.origin)
+    try:
+        # The store step includes the pool checkout and the commit.
+        with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
+                conn.transaction():
+            if store.store_article(conn, article_id, page, article):
+                done = file_and_understand(conn, ctx, article_id, page=page, article=article,
+                                           signature=signature, urls=urls, result=result,
+                                           published=published, origin=row.origin)
+    except psycopg.OperationalError as exc:
+        # The task retries this (a lost connection, a restart, a deadlock), and its retry
+        # could not take the lease, committed above, until it expired.
+        _release_after_database_error(ctx, article_id, exc)
+        raise
     filed = done.filed if done else None
     outcome = "stale" if not done else "duplicate" if filed and filed.method == "url" else "stored"
     log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
                 started=started, steps=steps, **_filed_keys(filed))
     return ProcessOutcome(article_id, outcome, filed=filed, label=result.label,
                           changed_rounds=done.changed_rounds if done else ())
+
+
+def _release_after_database_error(ctx: Context, article_id: int,
+                                  exc: psycopg.OperationalError) -> None:
+    """Give up an article's lease after its storing transaction failed, if the database
+    answers within a few seconds; if not, the lease runs out and the sweeper resends it."""
+    try:
+        with ctx.pool.connection(timeout=5) as conn:
+            store.release_article(conn, article_id, reason="database_error",
+                                  detail=f"storing failed: {exc}"[:1000])
+    except psycopg.OperationalError:
+        pass
 
 
 def read_page(ctx: Context, url: str, steps: Steps) -> tuple[Page, Article, dedup.Signature]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 
-from worker import store
+from tests.conftest import wait_for
+from worker import pipeline, store
+from worker.demo import SiteServer
 from worker.types import FeedEntry
 
 
@@ -61,3 +65,40 @@ def test_sweeper_picks_only_stale_pending_work(db: psycopg.Connection) -> None:
     # Just resent, so not stale again.
     assert store.sweep_stale_articles(db, stale_seconds=60, limit=10) == []
     assert fresh not in store.sweep_stale_articles(db, stale_seconds=60, limit=10)
+
+
+def test_a_store_cut_off_by_the_database_gives_its_lease_back(
+        db: psycopg.Connection, site: SiteServer, ctx: pipeline.Context) -> None:
+    article_id, _ = store.add_article_url(db, site.url("pages/astana4-arrival.html"),
+                                          origin="cli")
+    failure: list[BaseException] = []
+
+    def process() -> None:
+        try:
+            pipeline.process_article(ctx, article_id)
+        except psycopg.OperationalError as exc:
+            failure.append(exc)
+
+    with psycopg.connect(db.info.dsn) as holder:
+        # Hold a table only the storing transaction writes, so that it waits there.
+        holder.execute("LOCK TABLE article_versions IN EXCLUSIVE MODE")
+        worker = threading.Thread(target=process)
+        worker.start()
+        waiting: list[int] = []
+
+        def storing_waits() -> bool:
+            waiting[:] = [r[0] for r in db.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'INSERT INTO article_versions%%'")]
+            return bool(waiting)
+
+        wait_for(storing_waits, 30, "the storing transaction to wait on the row")
+        # What a Postgres restart or a failover does to the connection in use.
+        db.execute("SELECT pg_terminate_backend(%s)", (waiting[0],))
+        worker.join(30)
+    assert failure, "the task must see the database error, to retry"
+    row = db.execute("SELECT state, leased_until, fail_reason FROM articles WHERE id = %s",
+                     (article_id,)).fetchone()
+    assert row == ("pending", None, "database_error")
+    # The retry takes the lease at once, rather than when the lease would have run out.
+    assert pipeline.process_article(ctx, article_id).outcome == "stored"
