@@ -328,6 +328,21 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         # Already stored or failed, or another worker holds the lease: nothing to do.
         log_outcome("process", "stale", article_id=article_id, started=started)
         return ProcessOutcome(article_id, "stale")
+    try:
+        return _process_leased(ctx, row, target, owner_id, started=started,
+                               final_attempt=final_attempt, deadline=deadline)
+    except psycopg.OperationalError as exc:
+        # The task retries this (a lost connection, a restart, a deadlock), and its retry
+        # could not take the lease, committed above, until it ran out.
+        _release_after_database_error(ctx, article_id, exc)
+        raise
+
+
+def _process_leased(ctx: Context, row: store.ArticleRow, target: str, owner_id: int | None, *,
+                    started: float, final_attempt: bool,
+                    deadline: float | None) -> ProcessOutcome:
+    """process_article once the lease is held: file a known URL, or fetch and store."""
+    article_id = row.id
     if row.attempts > ctx.settings.max_deliveries:
         return quarantine_article(ctx, row.id, row.url, row.attempts, started=started)
     urls = dedup.url_variants(row.url)
@@ -368,19 +383,13 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
     done = None
-    try:
-        # The store step includes the pool checkout and the commit.
-        with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
-                conn.transaction():
-            if store.store_article(conn, article_id, page, article):
-                done = file_and_understand(conn, ctx, article_id, page=page, article=article,
-                                           signature=signature, urls=urls, result=result,
-                                           published=published, origin=row.origin)
-    except psycopg.OperationalError as exc:
-        # The task retries this (a lost connection, a restart, a deadlock), and its retry
-        # could not take the lease, committed above, until it expired.
-        _release_after_database_error(ctx, article_id, exc)
-        raise
+    # The store step includes the pool checkout and the commit.
+    with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
+            conn.transaction():
+        if store.store_article(conn, article_id, page, article):
+            done = file_and_understand(conn, ctx, article_id, page=page, article=article,
+                                       signature=signature, urls=urls, result=result,
+                                       published=published, origin=row.origin)
     filed = done.filed if done else None
     outcome = "stale" if not done else "duplicate" if filed and filed.method == "url" else "stored"
     log_outcome("process", outcome, article_id=article_id, url=row.url, label=result.label,
@@ -391,12 +400,12 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
 
 def _release_after_database_error(ctx: Context, article_id: int,
                                   exc: psycopg.OperationalError) -> None:
-    """Give up an article's lease after its storing transaction failed, if the database
+    """Give up an article's lease after a database error cut its processing, if the database
     answers within a few seconds; if not, the lease runs out and the sweeper resends it."""
     try:
         with ctx.pool.connection(timeout=5) as conn:
             store.release_article(conn, article_id, reason="database_error",
-                                  detail=f"storing failed: {exc}"[:1000])
+                                  detail=f"database error while processing: {exc}"[:1000])
     except psycopg.OperationalError:
         pass
 
