@@ -173,14 +173,33 @@ def measure_round(conn: psycopg.Connection,
     return statistics.fmean(costs), statistics.fmean(probe_costs), found
 
 
-def prepare_database(admin_url: str, extracted: list[tuple[Page, Article]],
-                     signatures: int) -> tuple[str, float]:
-    """A bench database holding the real pages plus synthetic signatures up to the count."""
+def create_database(admin_url: str) -> str:
+    """A new bench database with the schema migrated; its name."""
     name = f"talkwire_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     with psycopg.connect(with_database(admin_url, name), autocommit=True) as conn:
         store.apply_migrations(conn)
+    return name
+
+
+def drop_databases(admin_url: str, names: list[str]) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for name in names:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def near_probes(extracted: list[tuple[Page, Article]]) -> list[tuple[Article, dedup.Signature]]:
+    """Each page trimmed into a near copy, with its signature: what a lookup is timed on."""
+    return [(t, dedup.sign_text(t.text, t.title)) for t in (trimmed(a) for _, a in extracted)]
+
+
+def prepare_database(admin_url: str, extracted: list[tuple[Page, Article]],
+                     signatures: int) -> tuple[str, float]:
+    """A bench database holding the real pages plus synthetic signatures up to the count."""
+    name = create_database(admin_url)
+    with psycopg.connect(with_database(admin_url, name), autocommit=True) as conn:
         # Logging changes write cost, not read cost; unlogged keeps the 1M load to a minute.
         conn.execute("ALTER TABLE article_bands SET UNLOGGED")
         store_real_pages(conn, extracted)
@@ -200,7 +219,7 @@ def run_lookups(admin_url: str, extracted: list[tuple[Page, Article]], small: in
             name, load = prepare_database(admin_url, extracted, count)
             names.append(name)
             loads.append(load)
-        probes = [(t, dedup.sign_text(t.text, t.title)) for t in (trimmed(a) for _, a in extracted)]
+        probes = near_probes(extracted)
         conns = [psycopg.connect(with_database(admin_url, n), autocommit=True) for n in names]
         best: list[tuple[float, float, int]] = [(float("inf"), float("inf"), 0)] * 2
         for round_no in range(rounds + 1):  # round 0 warms the caches and is not counted
@@ -219,10 +238,7 @@ def run_lookups(admin_url: str, extracted: list[tuple[Page, Article]], small: in
         print(f"lookup cost ratio {large:,} / {small:,}: {best[1][0] / best[0][0]:.2f}"
               f"  (band probe alone: {best[1][1] / best[0][1]:.2f}; target <= 1.5)")
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            for name in names:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)))
+        drop_databases(admin_url, names)
 
 
 def run_copied_lookups(admin_url: str, extracted: list[tuple[Page, Article]], copies: int,
@@ -230,12 +246,9 @@ def run_copied_lookups(admin_url: str, extracted: list[tuple[Page, Article]], co
     """Time the lookup of a near copy whose story was copied word for word `copies` times."""
     # A wire story that many outlets run unchanged: its copies share every band, so they fill
     # the band lookup's candidates, and all of them are one text.
-    name = f"talkwire_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    name = create_database(admin_url)
     try:
         with psycopg.connect(with_database(admin_url, name), autocommit=True) as conn:
-            store.apply_migrations(conn)
             copied = []
             for page, article in extracted:
                 for k in range(copies + 1):
@@ -245,8 +258,7 @@ def run_copied_lookups(admin_url: str, extracted: list[tuple[Page, Article]], co
             started = time.perf_counter()
             store_real_pages(conn, copied)
             filed = time.perf_counter() - started
-            probes = [(t, dedup.sign_text(t.text, t.title))
-                      for t in (trimmed(a) for _, a in extracted)]
+            probes = near_probes(extracted)
             best = (float("inf"), float("inf"), 0)
             for round_no in range(rounds + 1):  # round 0 warms the caches
                 cost, probe, found = measure_round(conn, probes)
@@ -256,9 +268,7 @@ def run_copied_lookups(admin_url: str, extracted: list[tuple[Page, Article]], co
                   f"{filed:.1f} s): lookup of a near copy {best[0] * 1000:.3f} ms/article "
                   f"(band probe {best[1] * 1000:.3f} ms), {best[2]}/{len(probes)} found their story")
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+        drop_databases(admin_url, [name])
 
 
 def main() -> None:
