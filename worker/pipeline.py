@@ -479,17 +479,19 @@ def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int,
     the next query that needs an answer, and COMMIT with the last of them, so the ~25
     statements cost ~8 round trips (ops/bench pipeline).
     """
-    filed = lineage.file_article(conn, article_id, page=page, article=article,
-                                 signature=signature, urls=urls)
     changed: list[str] = []
-    if filed.method != "url":
-        store.save_classification(conn, article_id, result, fresh=True)
-        changed = link_article(conn, ctx, article_id, result,
-                               compose_document(article.title, article.text),
-                               published.date() if published else None, fresh=True)
-        # Last in the transaction: the change feed's lock is held from here until commit.
-        record_article_created(conn, article_id, url=page.url, title=article.title,
-                               origin=origin)
+    # The change feed's rows (a copy joining its story, round links, the new article) are
+    # written together at the end, so its lock is held from there until commit.
+    with store.changes_last(conn):
+        filed = lineage.file_article(conn, article_id, page=page, article=article,
+                                     signature=signature, urls=urls)
+        if filed.method != "url":
+            store.save_classification(conn, article_id, result, fresh=True)
+            changed = link_article(conn, ctx, article_id, result,
+                                   compose_document(article.title, article.text),
+                                   published.date() if published else None, fresh=True)
+            record_article_created(conn, article_id, url=page.url, title=article.title,
+                                   origin=origin)
     return Understood(filed, tuple(changed))
 
 
@@ -705,9 +707,9 @@ def relink_round(ctx: Context, round_id: str) -> int:
 
 def record_article_created(conn: psycopg.Connection, article_id: int, *, url: str,
                            title: str | None, origin: str) -> None:
-    """In the storing transaction: fill gaps from producer hints, then append article_created."""
-    store.fill_article_hints(conn, article_id)
-    # Last in the transaction: the change feed's lock is held from here until commit.
+    """In the storing transaction: append article_created."""
+    # Last in the transaction (or in store.changes_last): the change feed's lock is held
+    # from here until commit.
     store.append_change(conn, "article_created", "article", article_id,
                         {"url": url, "title": title, "origin": origin})
 

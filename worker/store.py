@@ -7,7 +7,9 @@ pipeline can put several statements in one transaction and enqueue only after it
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -555,16 +557,27 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
     content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
     row = conn.execute(
         # canonical_url is talkwire's own (set by the dedup step); the page's claim is kept apart.
-        "UPDATE articles SET state = 'stored', final_url = %s, declared_url = %s,"
-        " http_status = %s, title = %s, body = %s, author = %s, site_name = %s, language = %s,"
-        " description = %s, published_at = COALESCE(%s, feed_published_at),"
-        " content_hash = %s, extractor = %s, extract_warnings = %s, fetched_at = now(),"
-        " stored_at = now(), leased_until = NULL, fail_reason = NULL, fail_detail = NULL"
-        " WHERE id = %s AND state = 'pending' RETURNING id",  # RETURNING: pipeline mode
-        (page.final_url, article.canonical_url, page.status, article.title, article.text,
-         article.author, article.site_name, article.language, article.description,
-         article.published, content_hash, article.extractor, list(article.warnings),
-         article_id),
+        # The page wins where it says something; the feed's date, then a producer's hints (its
+        # first submission that has any) only fill gaps.
+        "UPDATE articles a SET state = 'stored', final_url = %(final_url)s,"
+        " declared_url = %(declared)s, http_status = %(status)s, title = %(title)s,"
+        " body = %(body)s, author = %(author)s,"
+        " site_name = COALESCE(%(site)s, h.hints->>'source_name'),"
+        " language = COALESCE(%(language)s, h.hints->>'language'),"
+        " description = %(description)s, published_at = COALESCE(%(published)s,"
+        "   a.feed_published_at, (h.hints->>'published_at')::timestamptz),"
+        " content_hash = %(hash)s, extractor = %(extractor)s, extract_warnings = %(warnings)s,"
+        " fetched_at = now(), stored_at = now(), leased_until = NULL, fail_reason = NULL,"
+        " fail_detail = NULL"
+        " FROM (SELECT (SELECT hints FROM submissions WHERE article_id = %(id)s"
+        "   AND hints <> '{}' ORDER BY id LIMIT 1) AS hints) h"
+        " WHERE a.id = %(id)s AND a.state = 'pending' RETURNING a.id",  # RETURNING: pipeline mode
+        {"final_url": page.final_url, "declared": article.canonical_url, "status": page.status,
+         "title": article.title, "body": article.text, "author": article.author,
+         "site": article.site_name, "language": article.language,
+         "description": article.description, "published": article.published,
+         "hash": content_hash, "extractor": article.extractor,
+         "warnings": list(article.warnings), "id": article_id},
     ).fetchone()
     return row is not None
 
@@ -764,13 +777,27 @@ def upsert_tracks(conn: psycopg.Connection, tracks: Iterable[tuple[str, str]]) -
         )
 
 
+# The registry as this process last read it: (token, version, rounds). See list_rounds.
+_REGISTRY: tuple[str, int, tuple[Round, ...]] | None = None
+
+
 def list_rounds(conn: psycopg.Connection) -> list[Round]:
-    """Every round in the registry, in track and date order."""
-    rows = conn.execute(
-        "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
-        " ORDER BY track, start_date NULLS LAST, id"
-    ).fetchall()
-    return [Round(*row) for row in rows]
+    """Every round in the registry, in track and date order.
+
+    The rounds are kept in memory with the registry's version (0009_round_registry_version):
+    each call reads the version, and the rounds only when it moved. They are read after the
+    version, so they are never older than it; the copy is at least as fresh as a full read
+    at the start of the call, own uncommitted changes included."""
+    global _REGISTRY
+    row = conn.execute("SELECT token::text, version FROM round_registry").fetchone()
+    assert row is not None, "round_registry has one row (migration 0009)"
+    if _REGISTRY is None or (_REGISTRY[0], _REGISTRY[1]) != (row[0], row[1]):
+        rows = conn.execute(
+            "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
+            " ORDER BY track, start_date NULLS LAST, id"
+        ).fetchall()
+        _REGISTRY = (row[0], row[1], tuple(Round(*r) for r in rows))
+    return list(_REGISTRY[2])
 
 
 def get_round_source(conn: psycopg.Connection, round_id: str) -> tuple[str, dict[str, object]] | None:
@@ -1411,22 +1438,6 @@ def link_submission(conn: psycopg.Connection, submission_id: int, article_id: in
                  (article_id, submission_id))
 
 
-def fill_article_hints(conn: psycopg.Connection, article_id: int) -> int:
-    """Fill a stored article's empty date, language and site name from its first submission."""
-    # The page wins where it says something; a producer's hint only fills a gap.
-    cur = conn.execute(
-        "UPDATE articles a SET"
-        " published_at = COALESCE(a.published_at, (s.hints->>'published_at')::timestamptz),"
-        " language = COALESCE(a.language, s.hints->>'language'),"
-        " site_name = COALESCE(a.site_name, s.hints->>'source_name')"
-        " FROM (SELECT hints FROM submissions WHERE article_id = %s AND hints <> '{}'"
-        "       ORDER BY id LIMIT 1) s"
-        " WHERE a.id = %s",
-        (article_id, article_id),
-    )
-    return cur.rowcount
-
-
 def record_dead_letter(conn: psycopg.Connection, *, via: str, source_ref: str | None,
                        kind: str | None, producer: str | None, reason: str, detail: str,
                        payload: bytes, payload_size: int, payload_sha256: str,
@@ -1484,9 +1495,21 @@ CHANGE_EVENTS = ("article_created", "article_updated", "story_merged", "round_li
 CHANGES_CHANNEL = "talkwire_changes"
 
 
+# Changes held back by changes_last, per connection (see there).
+_HELD_CHANGES: weakref.WeakKeyDictionary[psycopg.Connection, list[tuple[str, str, int, Jsonb]]] \
+    = weakref.WeakKeyDictionary()
+
+
 def append_change(conn: psycopg.Connection, event: str, entity: str, entity_id: int,
-                  payload: dict[str, object]) -> int:
-    """Append a change in the caller's transaction; NOTIFY on commit. Call it last: it locks."""
+                  payload: dict[str, object]) -> int | None:
+    """Append a change in the caller's transaction; NOTIFY on commit. Call it last: it locks.
+
+    Returns the change's id; inside changes_last(conn) the change is held, written when the
+    block ends, and None is returned."""
+    held = _HELD_CHANGES.get(conn)
+    if held is not None:
+        held.append((event, entity, entity_id, Jsonb(payload)))
+        return None
     # The table's trigger takes the id under a transaction-level advisory lock, so ids become
     # visible in increasing order (see 0005_contracts.sql); that lock is held until commit.
     row = conn.execute(
@@ -1496,6 +1519,32 @@ def append_change(conn: psycopg.Connection, event: str, entity: str, entity_id: 
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+@contextmanager
+def changes_last(conn: psycopg.Connection) -> Iterator[None]:
+    """Hold the changes appended in the block and write them, in order, when it ends.
+
+    The change feed's lock is then taken at the end of the caller's work and held only until
+    its commit, however deep in that work a change arose (a copy joining a story, a round
+    link), and a block's changes cost one statement. A block that raises writes nothing."""
+    if conn in _HELD_CHANGES:
+        yield  # an outer block writes them
+        return
+    held: list[tuple[str, str, int, Jsonb]] = []
+    _HELD_CHANGES[conn] = held
+    try:
+        yield
+    finally:
+        del _HELD_CHANGES[conn]
+    if held:
+        # One statement; rows are inserted, and so numbered, in the order they were appended.
+        conn.execute(
+            "INSERT INTO changes (event, entity, entity_id, payload)"
+            " SELECT e, n, i, p FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::jsonb[])"
+            "   WITH ORDINALITY AS c(e, n, i, p, k) ORDER BY k",
+            [[r[k] for r in held] for k in range(4)],
+        )
 
 
 def listen_changes(conn: psycopg.Connection) -> None:

@@ -77,6 +77,33 @@ def test_ids_become_visible_in_increasing_order_even_when_writers_overlap(
     assert notified_ids(listener, 2) == [a_id, b_result[0]]
 
 
+def test_changes_held_to_the_end_of_a_filing_take_the_lock_only_there(
+        clean: psycopg.Connection, settings: Settings, listener: psycopg.Connection) -> None:
+    def advisory_locks(pid: int) -> int:
+        row = clean.execute("SELECT count(*) FROM pg_locks WHERE pid = %s"
+                            " AND locktype = 'advisory'", (pid,)).fetchone()
+        return int(row[0]) if row else 0
+
+    with psycopg.connect(settings.database_url or "") as conn:
+        pid = conn.info.backend_pid
+        with conn.transaction():
+            with store.changes_last(conn):
+                assert store.append_change(conn, "story_merged", "story", 5, {"n": 1}) is None
+                store.append_change(conn, "round_link_changed", "article", 7, {"n": 2})
+                # Held: nothing written yet, and other writers are not kept waiting.
+                assert advisory_locks(pid) == 0
+                assert store.list_changes(clean, since=0, limit=10) == []
+            assert advisory_locks(pid) == 1
+        with pytest.raises(RuntimeError), conn.transaction(), store.changes_last(conn):
+            store.append_change(conn, "article_created", "article", 8, {})
+            raise RuntimeError("a failed filing writes no change")
+    rows = store.list_changes(clean, since=0, limit=10)
+    assert [(r.event, r.entity_id, r.payload) for r in rows] == [
+        ("story_merged", 5, {"n": 1}), ("round_link_changed", 7, {"n": 2})]
+    assert rows[0].id < rows[1].id
+    assert notified_ids(listener, 2) == [r.id for r in rows]
+
+
 def test_the_change_feed_is_append_only(clean: psycopg.Connection) -> None:
     change_id = store.append_change(clean, "story_merged", "story", 3, {"into": 2})
     with pytest.raises(errors.RaiseException, match="append-only"):

@@ -6,6 +6,7 @@ pipeline functions a worker runs); the registry learns, and stories are relinked
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 
 from tests.conftest import SHARED, process_url
 from worker import pipeline, store
+from worker.config import Settings
 from worker.demo import SiteServer
+from worker.rounds import Round
 
 
 def ingest(ctx: pipeline.Context, db: psycopg.Connection, url: str) -> int:
@@ -33,6 +36,32 @@ def links(db: psycopg.Connection, article_id: int) -> set[tuple[str, str]]:
 def round_row(db: psycopg.Connection, round_id: str) -> tuple[object, ...] | None:
     return db.execute("SELECT status, start_date, end_date, source, source_article_id"
                       " FROM rounds WHERE id = %s", (round_id,)).fetchone()
+
+
+def test_the_registry_a_worker_keeps_follows_other_writers_and_rollbacks(
+        db: psycopg.Connection, settings: Settings) -> None:
+    # list_rounds keeps the registry in memory; it must still show every committed change,
+    # its own uncommitted ones, and none that rolled back.
+    def ids(conn: psycopg.Connection) -> set[str]:
+        return {r.id for r in store.list_rounds(conn)}
+
+    later = Round("astana_99", "astana", 99, "Astana 99", date(2031, 3, 1), date(2031, 3, 2),
+                  "Astana", "announced")
+    dropped = Round("astana_98", "astana", 98, "Astana 98", None, None, None, "announced")
+    assert "astana_4" in ids(db) and "astana_99" not in ids(db)
+    with psycopg.connect(settings.database_url or "") as other, other.transaction():
+        assert store.insert_round(other, later, source="seed", article_id=None, note=None)
+    assert "astana_99" in ids(db)
+    moved = replace(later, start=date(2031, 4, 1), end=date(2031, 4, 2))
+    with psycopg.connect(settings.database_url or "") as other, other.transaction():
+        store.update_round(other, later, moved, change="dates_changed", source="seed",
+                           article_id=None)
+    assert [r.start for r in store.list_rounds(db) if r.id == "astana_99"] == [date(2031, 4, 1)]
+    with pytest.raises(RuntimeError), db.transaction():
+        assert store.insert_round(db, dropped, source="seed", article_id=None, note=None)
+        assert "astana_98" in ids(db)
+        raise RuntimeError("roll back")
+    assert "astana_98" not in ids(db)
 
 
 def test_the_seed_calendar_is_loaded_with_neighbours(db: psycopg.Connection) -> None:
