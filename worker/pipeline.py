@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -465,7 +464,7 @@ class Understood:
 
 
 def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int, *, page: Page,
-                        article: Article, signature: dedup.Signature, urls: Sequence[str],
+                        article: Article, signature: dedup.Signature, urls: dict[str, str],
                         result: Classification, published: datetime | None,
                         origin: str) -> Understood:
     """In the storing transaction: file into a story, store labels and round links, note it.
