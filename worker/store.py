@@ -681,12 +681,23 @@ def save_classification(conn: psycopg.Connection, article_id: int, result: Class
     )
     if not fresh:
         conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
-    with conn.cursor() as cur:
-        cur.executemany(
+    facts = _fact_rows(result)
+    if facts:
+        # One statement for all of them (a talks story has a dozen or more), in their order.
+        columns = [list(column) for column in zip(*facts, strict=True)]
+        conn.execute(
             "INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
             " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [(article_id, *fact, result.rules_version) for fact in _fact_rows(result)],
+            " SELECT %(id)s, kind, value, role, side, track, number, relation, date_start,"
+            "   date_end, span_start, span_end, evidence, %(rules)s"
+            " FROM unnest(%(c0)s::text[], %(c1)s::text[], %(c2)s::text[], %(c3)s::text[],"
+            "   %(c4)s::text[], %(c5)s::integer[], %(c6)s::text[], %(c7)s::date[],"
+            "   %(c8)s::date[], %(c9)s::integer[], %(c10)s::integer[], %(c11)s::text[])"
+            "   WITH ORDINALITY AS f(kind, value, role, side, track, number, relation,"
+            "     date_start, date_end, span_start, span_end, evidence, k)"
+            " ORDER BY k",
+            {"id": article_id, "rules": result.rules_version,
+             **{f"c{n}": column for n, column in enumerate(columns)}},
         )
     if previous is not None and previous[0] != result.label:
         conn.execute(
