@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psycopg
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline import cpu_seconds, load_pages, with_database  # the pipeline bench's helpers
+from pipeline import Site, cpu_seconds, load_pages, with_database  # the pipeline bench's
 
 STEPS = ("fetch", "extract", "dedup", "classify")
 
@@ -60,16 +59,6 @@ class StepCpu(logging.Handler):
             return
         self.outcomes[str(fields.get("outcome"))] = self.outcomes.get(str(fields.get("outcome")), 0) + 1
         self.cpu_ms += sum(float(fields.get(f"{step}_cpu_ms", 0.0)) for step in STEPS)
-
-
-def page_route(body: bytes):  # type: ignore[no-untyped-def]
-    def handle(handler: BaseHTTPRequestHandler, base: str) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/html; charset=utf-8")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-    return handle
 
 
 def main() -> None:
@@ -106,7 +95,8 @@ def main() -> None:
 
     print(f"pages: {source}; {first} new texts, then {args.copies} copies", flush=True)
     total = first + args.copies
-    routes = {f"s/{n}.html": page_route(bodies[n % first]) for n in range(total)}
+    site = Site(bodies)  # served as the pipeline bench serves them
+    routes = {f"s/{n}.html": site.page_route(n) for n in range(total)}
     server = serve_site(work, routes=routes)
     ctx = pipeline.open_context(load_settings())
     steps = StepCpu()
