@@ -23,9 +23,11 @@ servers. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,8 +71,9 @@ def main() -> None:
                         help="articles in the second phase, each a copy of a first-phase text")
     args = parser.parse_args()
     bodies, source = load_pages()
-    first = len(bodies)
     work = Path(tempfile.mkdtemp(prefix="twbench-store-"))
+    # Registered first, so it runs last at exit: after embedded servers (below) have stopped.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     keep: list[object] = []
     if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
         admin_url, redis_url = os.environ["DATABASE_URL"], os.environ["REDIS_URL"]
@@ -83,7 +86,19 @@ def main() -> None:
     db_name = f"talkwire_bench_store_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
-    database_url = with_database(admin_url, db_name)
+    try:
+        measure(with_database(admin_url, db_name), db_name, redis_url, bodies, source,
+                args.copies, work)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(db_name)))
+
+
+def measure(database_url: str, db_name: str, redis_url: str, bodies: list[bytes], source: str,
+            copies: int, work: Path) -> None:
+    """Run both phases against the fresh database and print their figures."""
+    first = len(bodies)
     os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url,
                        "TALKWIRE_REDIS_PREFIX": f"twbench-store-{db_name[-8:]}:",
                        "TALKWIRE_DEMO": "false",
@@ -93,8 +108,8 @@ def main() -> None:
     from worker.config import load_settings
     from worker.demo import serve_site
 
-    print(f"pages: {source}; {first} new texts, then {args.copies} copies", flush=True)
-    total = first + args.copies
+    print(f"pages: {source}; {first} new texts, then {copies} copies", flush=True)
+    total = first + copies
     site = Site(bodies)  # served as the pipeline bench serves them
     routes = {f"s/{n}.html": site.page_route(n) for n in range(total)}
     server = serve_site(work, routes=routes)
@@ -132,10 +147,7 @@ def main() -> None:
     finally:
         logging.getLogger("talkwire").removeHandler(steps)
         ctx.close()
-        server.server.shutdown()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(db_name)))
+        server.close()
 
 
 if __name__ == "__main__":
