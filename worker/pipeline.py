@@ -519,19 +519,22 @@ def refresh_article(ctx: Context, article_id: int) -> ProcessOutcome:
     with steps.timed("classify"):
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
-    with steps.timed("store"), ctx.pool.connection() as conn, conn.transaction():
+    changed: list[str] = []
+    with steps.timed("store"), ctx.pool.connection() as conn, conn.transaction(), \
+            store.changes_last(conn):
         filed = lineage.refile_article(conn, article_id, page=page, article=article,
                                        signature=signature)
         if filed is not None and filed.new_version:
-            # Labels and round links follow the latest version of the text.
+            # Labels and round links follow the latest version of the text, and what it
+            # teaches the registry is relinked like a new article's.
             store.save_classification(conn, article_id, result)
-            link_article(conn, ctx, article_id, result,
-                         compose_document(article.title, article.text),
-                         published.date() if published else None)
+            changed = link_article(conn, ctx, article_id, result,
+                                   compose_document(article.title, article.text),
+                                   published.date() if published else None)
     outcome = "stale" if filed is None else "version" if filed.new_version else "unchanged"
     log_outcome("refresh", outcome, article_id=article_id, url=url, started=started,
                 steps=steps, **_filed_keys(filed))
-    return ProcessOutcome(article_id, outcome, filed=filed)
+    return ProcessOutcome(article_id, outcome, filed=filed, changed_rounds=tuple(changed))
 
 
 def _filed_keys(filed: lineage.Filed | None) -> dict[str, object]:

@@ -353,6 +353,7 @@ def refresh_article(self: Task, article_id: object) -> None:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries, None))
     if outcome.outcome == "retry" and self.request.retries < ctx.settings.max_retries:
         raise self.retry(countdown=_backoff(self.request.retries, outcome.retry_after))
+    enqueue_relinks(outcome.changed_rounds)
 
 
 @shared_task(name="talkwire.dispatch_due_feeds")

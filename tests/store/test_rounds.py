@@ -6,17 +6,19 @@ pipeline functions a worker runs); the registry learns, and stories are relinked
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import date
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import SHARED, process_url
+from tests.conftest import FIXTURES, SHARED, process_url, send_html
 from worker import pipeline, store
 from worker.config import Settings
-from worker.demo import SiteServer
+from worker.demo import SiteServer, serve_site
 from worker.rounds import Round
 
 
@@ -114,6 +116,34 @@ def test_an_announcement_creates_a_round_that_later_coverage_postpones_moves_and
     assert db.execute("SELECT provenance->'start_date'->>'article_id',"
                       " provenance->'status'->>'article_id' FROM rounds WHERE id = 'astana_5'"
                       ).fetchone() == (str(moved), str(opened))
+
+
+def test_a_new_version_that_announces_a_round_creates_it_and_asks_for_a_relink(
+        ctx: pipeline.Context, db: psycopg.Connection) -> None:
+    # One URL whose page is rewritten between two fetches: first a look back at Astana 3,
+    # then the announcement of Astana 5, which the registry does not know yet.
+    db.execute("DELETE FROM rounds WHERE id = 'astana_5'")
+    serving = {"page": "astana3-last-month-en.html"}
+
+    def rewritten(handler: BaseHTTPRequestHandler, base: str) -> None:
+        html = (FIXTURES / "site" / "rounds" / serving["page"]).read_text(encoding="utf-8")
+        # Without its own canonical link the page is refetched from this URL.
+        html = re.sub(r'<link rel="canonical"[^>]*>', "", html.replace("{base}", base))
+        send_html(handler, html.encode())
+
+    server = serve_site(FIXTURES / "site", routes={"live/talks.html": rewritten})
+    try:
+        first = process_url(ctx, db, server.url("live/talks.html"))
+        assert first.outcome == "stored" and "astana_5" not in first.changed_rounds
+        serving["page"] = "astana5-announce-en.html"
+        refreshed = pipeline.refresh_article(ctx, first.article_id)
+    finally:
+        server.close()
+    assert refreshed.outcome == "version"
+    assert refreshed.changed_rounds == ("astana_5",)
+    assert round_row(db, "astana_5") == ("announced", date(2017, 6, 12), date(2017, 6, 13),
+                                         "article", first.article_id)
+    assert ("about", "astana_5") in links(db, first.article_id)
 
 
 def test_a_story_that_looks_back_to_two_earlier_rounds(
