@@ -788,8 +788,8 @@ def upsert_tracks(conn: psycopg.Connection, tracks: Iterable[tuple[str, str]]) -
         )
 
 
-# The registry as this process last read it: (token, version, rounds). See list_rounds.
-_REGISTRY: tuple[str, int, tuple[Round, ...]] | None = None
+# The registry as this process last read it: ((database, token, version), rounds).
+_REGISTRY: tuple[tuple[str, str, int], tuple[Round, ...]] | None = None
 
 
 def list_rounds(conn: psycopg.Connection) -> list[Round]:
@@ -802,13 +802,18 @@ def list_rounds(conn: psycopg.Connection) -> list[Round]:
     global _REGISTRY
     row = conn.execute("SELECT token::text, version FROM round_registry").fetchone()
     assert row is not None, "round_registry has one row (migration 0009)"
-    if _REGISTRY is None or (_REGISTRY[0], _REGISTRY[1]) != (row[0], row[1]):
-        rows = conn.execute(
-            "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
-            " ORDER BY track, start_date NULLS LAST, id"
-        ).fetchall()
-        _REGISTRY = (row[0], row[1], tuple(Round(*r) for r in rows))
-    return list(_REGISTRY[2])
+    info = conn.info
+    key = (f"{info.host}:{info.port}/{info.dbname}", str(row[0]), int(row[1]))
+    kept = _REGISTRY  # read once: a thread of the same process may replace it meanwhile
+    if kept is not None and kept[0] == key:
+        return list(kept[1])
+    rows = conn.execute(
+        "SELECT id, track, number, name, start_date, end_date, venue, status FROM rounds"
+        " ORDER BY track, start_date NULLS LAST, id"
+    ).fetchall()
+    rounds = tuple(Round(*r) for r in rows)
+    _REGISTRY = (key, rounds)
+    return list(rounds)
 
 
 def get_round_source(conn: psycopg.Connection, round_id: str) -> tuple[str, dict[str, object]] | None:

@@ -4,7 +4,9 @@
 --
 -- The version comes from a sequence, not a counter: a transaction that changes rounds and
 -- then rolls back has used its number for good, so no later committed change can carry the
--- same version with other contents. The token tells one database's registry from another's.
+-- same version with other contents. The token tells one database's registry from another's
+-- (a copy made from a dump or a template shares it: workers key their copy by the database's
+-- address and name too).
 CREATE SEQUENCE round_registry_version_seq;
 CREATE TABLE round_registry (
     only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -19,5 +21,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER rounds_bump_registry AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rounds
+-- BEFORE the statement: a writer takes the registry's row before any row of rounds, so two
+-- writers of rounds queue on it instead of each holding a round the other waits for.
+CREATE TRIGGER rounds_bump_registry BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON rounds
     FOR EACH STATEMENT EXECUTE FUNCTION round_registry_bump();

@@ -7,6 +7,7 @@ pipeline functions a worker runs); the registry learns, and stories are relinked
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import replace
 from datetime import date
 from http.server import BaseHTTPRequestHandler
@@ -15,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import FIXTURES, SHARED, process_url, send_html
+from tests.conftest import FIXTURES, SHARED, process_url, send_html, wait_for
 from worker import pipeline, store
 from worker.config import Settings
 from worker.demo import SiteServer, serve_site
@@ -116,6 +117,42 @@ def test_an_announcement_creates_a_round_that_later_coverage_postpones_moves_and
     assert db.execute("SELECT provenance->'start_date'->>'article_id',"
                       " provenance->'status'->>'article_id' FROM rounds WHERE id = 'astana_5'"
                       ).fetchone() == (str(moved), str(opened))
+
+
+def test_two_writers_of_the_registry_queue_instead_of_deadlocking(
+        db: psycopg.Connection, settings: Settings) -> None:
+    # A creates a round and then marks Astana 4 postponed; B does the same meanwhile. B must
+    # wait for A as a whole, not hold Astana 4's row while A waits for it.
+    astana_4 = next(r for r in store.list_rounds(db) if r.id == "astana_4")
+    confirmed = replace(astana_4, status="postponed")
+    later = Round("astana_99", "astana", 99, "Astana 99", None, None, None, "announced")
+    url = settings.database_url or ""
+    errors: list[BaseException] = []
+    with psycopg.connect(url) as a, psycopg.connect(url) as b:
+        a.execute("SET lock_timeout = '20s'")
+        store.insert_round(a, later, source="seed", article_id=None, note=None)
+        b_pid = b.info.backend_pid
+
+        def writer_b() -> None:
+            try:
+                with b.transaction():
+                    store.update_round(b, astana_4, confirmed, change="status_changed",
+                                       source="seed", article_id=None)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=writer_b)
+        thread.start()
+        wait_for(lambda: db.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+            (b_pid,)).fetchone() == (1,), 10, "B to wait for A")
+        store.update_round(a, astana_4, confirmed, change="status_changed", source="seed",
+                           article_id=None)
+        a.commit()
+        thread.join(timeout=30)
+    assert errors == []
+    assert {r.id: r.status for r in store.list_rounds(db)}["astana_4"] == "postponed"
+    assert "astana_99" in {r.id for r in store.list_rounds(db)}
 
 
 def test_a_new_version_that_announces_a_round_creates_it_and_asks_for_a_relink(
