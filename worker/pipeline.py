@@ -489,8 +489,8 @@ def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int,
             changed = link_article(conn, ctx, article_id, result,
                                    compose_document(article.title, article.text),
                                    published.date() if published else None, fresh=True)
-            record_article_created(conn, article_id, url=page.url, title=article.title,
-                                   origin=origin)
+            store.append_change(conn, "article_created", "article", article_id,
+                                {"url": page.url, "title": article.title, "origin": origin})
     return Understood(filed, tuple(changed))
 
 
@@ -705,15 +705,6 @@ def relink_round(ctx: Context, round_id: str) -> int:
             reclassify_stored(ctx, item)
     log_outcome("relink", "done", round_id=round_id, articles=len(ids))
     return len(ids)
-
-
-def record_article_created(conn: psycopg.Connection, article_id: int, *, url: str,
-                           title: str | None, origin: str) -> None:
-    """In the storing transaction: append article_created."""
-    # Last in the transaction (or in store.changes_last): the change feed's lock is held
-    # from here until commit.
-    store.append_change(conn, "article_created", "article", article_id,
-                        {"url": url, "title": title, "origin": origin})
 
 
 # --- producer messages (issue 7) --------------------------------------------------------

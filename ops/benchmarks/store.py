@@ -59,7 +59,8 @@ class StepCpu(logging.Handler):
         fields = vars(record)
         if fields.get("stage") != "process":
             return
-        self.outcomes[str(fields.get("outcome"))] = self.outcomes.get(str(fields.get("outcome")), 0) + 1
+        outcome = str(fields.get("outcome"))
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.cpu_ms += sum(float(fields.get(f"{step}_cpu_ms", 0.0)) for step in STEPS)
 
 

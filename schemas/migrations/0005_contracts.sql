@@ -21,7 +21,7 @@ CREATE TABLE submissions (
     UNIQUE (producer, idempotency_key)
 );
 
--- fill_article_hints and the consumer view look submissions up by article.
+-- store_article (a producer's hints) and the consumer view look submissions up by article.
 CREATE INDEX submissions_article_idx ON submissions (article_id);
 
 -- A message that could not be accepted: its raw bytes (whole up to a bound, else the head plus
