@@ -102,26 +102,26 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
         return Filed(owner_id, "url", 1.0, owner_id, filed.story_id, filed.version,
                      filed.new_version)
 
-    store.set_article_identity(conn, article_id, canonical_url=canonical,
-                               outlet=article.site_name or dedup.site_of(canonical),
-                               fingerprint=signature.fingerprint,
-                               shingle_count=signature.shingle_count)
-    store.add_aliases(conn, article_id, aliases.items())
-    store.insert_version(conn, article_id, 1, title=article.title, body=article.text,
-                         content_hash=_content_hash(article.text),
-                         fingerprint=signature.fingerprint, final_url=page.final_url,
-                         fetched_by=article_id, diff_summary=None, diff=None, material=True)
-    store.upsert_signature(conn, article_id, version=1, shingle_count=signature.shingle_count,
-                           band_keys=signature.band_keys, method=signature.method)
+    # Matching reads only what was filed before, so it comes first: the text's own rows are
+    # then one statement, which also locks the story a copy is about to join.
     matches = find_matches(conn, article_id, article.text, article.title, signature)
     best = matches[0] if matches else None
-    if best is None or best.method != "exact":
+    joined = {m.story_id for m in matches}
+    joining = next(iter(joined)) if len(joined) == 1 else None
+    store.file_first_version(
+        conn, article_id, canonical_url=canonical,
+        outlet=article.site_name or dedup.site_of(canonical), aliases=aliases.items(),
+        title=article.title, body=article.text, content_hash=_content_hash(article.text),
+        fingerprint=signature.fingerprint, final_url=page.final_url,
+        shingle_count=signature.shingle_count, band_keys=signature.band_keys,
+        method=signature.method,
         # A word-for-word copy is not indexed: the text is, under its first copy, whose bands
         # are the same keys. The band lookup then finds each text once, and a wire story run
         # by a hundred outlets adds one set of band rows, not a hundred (add_version hands
         # them on if that first copy's text changes).
-        store.insert_bands(conn, article_id, signature.band_keys)
-    story_id = place_in_story(conn, article_id, None, matches)
+        indexed=best is None or best.method != "exact",
+        joining_story_id=joining)
+    story_id = place_in_story(conn, article_id, None, matches, locked_story=joining)
     if best is not None and best.method == "update":
         store.link_update(conn, article_id, best.article_id)
         store.record_story_change(conn, "article_updated", story_id=story_id,
@@ -246,8 +246,10 @@ def find_matches(conn: psycopg.Connection, article_id: int, text: str, title: st
 
 
 def place_in_story(conn: psycopg.Connection, article_id: int, current_story: int | None,
-                   matches: list[Match]) -> int:
-    """Put an article in the story of its matches (merging stories it bridges) or its own."""
+                   matches: list[Match], *, locked_story: int | None = None) -> int:
+    """Put an article in the story of its matches (merging stories it bridges) or its own.
+
+    `locked_story`: a story whose row this transaction already holds (store.lock_story)."""
     touched: set[int] = set()
     if (current_story is not None
             and not any(m.story_id == current_story for m in matches)
@@ -275,6 +277,16 @@ def place_in_story(conn: psycopg.Connection, article_id: int, current_story: int
     # The oldest story survives a merge, so ids that consumers hold stay valid longest.
     joined = sorted({m.story_id for m in matches} | ({current_story} if current_story else set()))
     survivor = joined[0]
+    if current_story is None and len(joined) == 1:
+        # One new member and nothing else moved: count it in, without re-reading the story.
+        if locked_story != survivor:
+            store.lock_story(conn, survivor)
+        refreshed = store.join_story(conn, survivor, article_id,
+                                     matched_article_id=matches[0].article_id,
+                                     detail={"method": matches[0].method,
+                                             "score": matches[0].score})
+        _note_representative(conn, refreshed)
+        return survivor
     if current_story != survivor:
         store.set_article_story(conn, article_id, survivor)
         store.record_story_change(conn, "member_added", story_id=survivor, article_id=article_id,
@@ -284,21 +296,19 @@ def place_in_story(conn: psycopg.Connection, article_id: int, current_story: int
         moved = store.merge_story(conn, other, survivor)
         store.record_story_change(conn, "story_merged", story_id=survivor, article_id=article_id,
                                   other_story_id=other, detail={"members_moved": moved})
-    if current_story is None and len(joined) == 1:
-        # One new member and nothing else moved: count it in, without re-reading the story.
-        _refresh(conn, survivor, joined_by=article_id)
-        return survivor
     touched.add(survivor)
     for story_id in sorted(touched):
         _refresh(conn, story_id)
     return survivor
 
 
-def _refresh(conn: psycopg.Connection, story_id: int, *, joined_by: int | None = None) -> None:
-    refreshed = (store.refresh_story(conn, story_id) if joined_by is None
-                 else store.add_story_member(conn, story_id, joined_by))
+def _refresh(conn: psycopg.Connection, story_id: int) -> None:
+    _note_representative(conn, store.refresh_story(conn, story_id))
+
+
+def _note_representative(conn: psycopg.Connection, refreshed: store.StoryRefresh | None) -> None:
     if refreshed and refreshed.old_representative_id != refreshed.representative_id:
-        store.record_story_change(conn, "representative_changed", story_id=story_id,
+        store.record_story_change(conn, "representative_changed", story_id=refreshed.story_id,
                                   article_id=refreshed.representative_id,
                                   other_article_id=refreshed.old_representative_id)
 

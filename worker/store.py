@@ -669,36 +669,35 @@ def save_classification(conn: psycopg.Connection, article_id: int, result: Class
         "SELECT label, rules_version FROM article_labels WHERE article_id = %s FOR UPDATE",
         (article_id,),
     ).fetchone()
-    conn.execute(
-        "INSERT INTO article_labels (article_id, label, score, tracks, rules_version, detail)"
-        " VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (article_id) DO UPDATE SET label = EXCLUDED.label,"
-        " score = EXCLUDED.score, tracks = EXCLUDED.tracks,"
-        " rules_version = EXCLUDED.rules_version, detail = EXCLUDED.detail,"
-        " classified_at = now()",
-        (article_id, result.label, result.score, list(result.tracks), result.rules_version,
-         Jsonb(result.to_dict())),
-    )
     if not fresh:
         conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
+    # The label and every fact in one statement (a talks story has a dozen facts or more),
+    # the facts in their order.
     facts = _fact_rows(result)
-    if facts:
-        # One statement for all of them (a talks story has a dozen or more), in their order.
-        columns = [list(column) for column in zip(*facts, strict=True)]
-        conn.execute(
-            "INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
-            " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
-            " SELECT %(id)s, kind, value, role, side, track, number, relation, date_start,"
-            "   date_end, span_start, span_end, evidence, %(rules)s"
-            " FROM unnest(%(c0)s::text[], %(c1)s::text[], %(c2)s::text[], %(c3)s::text[],"
-            "   %(c4)s::text[], %(c5)s::integer[], %(c6)s::text[], %(c7)s::date[],"
-            "   %(c8)s::date[], %(c9)s::integer[], %(c10)s::integer[], %(c11)s::text[])"
-            "   WITH ORDINALITY AS f(kind, value, role, side, track, number, relation,"
-            "     date_start, date_end, span_start, span_end, evidence, k)"
-            " ORDER BY k",
-            {"id": article_id, "rules": result.rules_version,
-             **{f"c{n}": column for n, column in enumerate(columns)}},
-        )
+    columns = [list(column) for column in zip(*facts, strict=True)] if facts else [[]] * 12
+    conn.execute(
+        "WITH label AS (INSERT INTO article_labels (article_id, label, score, tracks,"
+        "   rules_version, detail) VALUES (%(id)s, %(label)s, %(score)s, %(tracks)s,"
+        "   %(rules)s, %(detail)s)"
+        "   ON CONFLICT (article_id) DO UPDATE SET label = EXCLUDED.label,"
+        "   score = EXCLUDED.score, tracks = EXCLUDED.tracks,"
+        "   rules_version = EXCLUDED.rules_version, detail = EXCLUDED.detail,"
+        "   classified_at = now())"
+        " INSERT INTO article_facts (article_id, kind, value, role, side, track, number,"
+        " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
+        " SELECT %(id)s, kind, value, role, side, track, number, relation, date_start,"
+        "   date_end, span_start, span_end, evidence, %(rules)s"
+        " FROM unnest(%(c0)s::text[], %(c1)s::text[], %(c2)s::text[], %(c3)s::text[],"
+        "   %(c4)s::text[], %(c5)s::integer[], %(c6)s::text[], %(c7)s::date[],"
+        "   %(c8)s::date[], %(c9)s::integer[], %(c10)s::integer[], %(c11)s::text[])"
+        "   WITH ORDINALITY AS f(kind, value, role, side, track, number, relation,"
+        "     date_start, date_end, span_start, span_end, evidence, k)"
+        " ORDER BY k",
+        {"id": article_id, "label": result.label, "score": result.score,
+         "tracks": list(result.tracks), "rules": result.rules_version,
+         "detail": Jsonb(result.to_dict()),
+         **{f"c{n}": column for n, column in enumerate(columns)}},
+    )
     if previous is not None and previous[0] != result.label:
         conn.execute(
             "INSERT INTO label_changes (article_id, old_label, new_label, old_rules_version,"
@@ -1107,13 +1106,45 @@ def get_dedup_row(conn: psycopg.Connection, article_id: int) -> DedupRow | None:
         return cur.fetchone()
 
 
-def set_article_identity(conn: psycopg.Connection, article_id: int, *, canonical_url: str,
-                         outlet: str | None, fingerprint: str, shingle_count: int) -> None:
-    """Give a newly stored article its canonical URL, outlet and fingerprint, as version 1."""
+def file_first_version(conn: psycopg.Connection, article_id: int, *, canonical_url: str,
+                       outlet: str | None, aliases: Iterable[tuple[str, str]],
+                       title: str | None, body: str, content_hash: str, fingerprint: str,
+                       final_url: str | None, shingle_count: int, band_keys: Sequence[int],
+                       method: str, indexed: bool, joining_story_id: int | None) -> None:
+    """Give a newly stored article its identity (canonical URL, outlet, fingerprint), its
+    aliases, version 1 and its signature, and its band rows if it is `indexed`.
+
+    One statement for what a new text needs, where one each cost a round of executor and
+    protocol work per article (ops/bench store). With `joining_story_id` it also locks the
+    story that the article is about to join, as lock_story does: join_story, the next
+    statement, then reads that story after any concurrent filing into it has committed."""
+    urls = dict(aliases)
     conn.execute(
-        "UPDATE articles SET canonical_url = %s, outlet = %s, fingerprint = %s,"
-        " shingle_count = %s, version = 1 WHERE id = %s",
-        (canonical_url, outlet, fingerprint, shingle_count, article_id),
+        "WITH identity AS (UPDATE articles SET canonical_url = %(canonical)s,"
+        "   outlet = %(outlet)s, fingerprint = %(fp)s, shingle_count = %(shingles)s,"
+        "   version = 1 WHERE id = %(id)s),"
+        " aliases AS (INSERT INTO article_aliases (url, article_id, kind)"
+        "   SELECT u, %(id)s, k FROM unnest(%(urls)s::text[], %(kinds)s::text[]) AS a(u, k)"
+        "   ON CONFLICT (url) DO NOTHING),"
+        " version AS (INSERT INTO article_versions (article_id, version, title, body,"
+        "   content_hash, fingerprint, final_url, fetched_by, material)"
+        "   VALUES (%(id)s, 1, %(title)s, %(body)s, %(hash)s, %(fp)s, %(final)s, %(id)s, true)"
+        "   ON CONFLICT DO NOTHING),"
+        " signature AS (INSERT INTO article_signatures (article_id, version, shingle_count,"
+        "   band_keys, method) VALUES (%(id)s, 1, %(shingles)s, %(bands)s, %(method)s)"
+        "   ON CONFLICT (article_id) DO UPDATE SET version = EXCLUDED.version,"
+        "   shingle_count = EXCLUDED.shingle_count, band_keys = EXCLUDED.band_keys,"
+        "   method = EXCLUDED.method, signed_at = now()),"
+        " indexed AS (INSERT INTO article_bands (band_key, article_id)"
+        "   SELECT k, %(id)s FROM unnest(%(indexed)s::bigint[]) AS k ON CONFLICT DO NOTHING),"
+        # A CTE that only reads runs when the query refers to it, hence the count.
+        " joining AS (SELECT 1 FROM stories WHERE id = %(story)s FOR UPDATE)"
+        " SELECT count(*) FROM joining",
+        {"id": article_id, "canonical": canonical_url, "outlet": outlet, "fp": fingerprint,
+         "shingles": shingle_count, "urls": list(urls), "kinds": list(urls.values()),
+         "title": title, "body": body, "hash": content_hash, "final": final_url,
+         "bands": list(band_keys), "method": method,
+         "indexed": list(band_keys) if indexed else [], "story": joining_story_id},
     )
 
 
@@ -1268,10 +1299,12 @@ def link_update(conn: psycopg.Connection, article_id: int, earlier_id: int) -> N
 
 def create_story(conn: psycopg.Connection, representative_id: int) -> int:
     """Open a story with one article as its representative and only member; return its id."""
-    row = conn.execute("INSERT INTO stories (representative_id) VALUES (%s) RETURNING id",
-                       (representative_id,)).fetchone()
+    row = conn.execute(
+        "WITH story AS (INSERT INTO stories (representative_id) VALUES (%(a)s) RETURNING id),"
+        " filed AS (UPDATE articles SET story_id = (SELECT id FROM story) WHERE id = %(a)s)"
+        " SELECT id FROM story",
+        {"a": representative_id}).fetchone()
     assert row is not None
-    conn.execute("UPDATE articles SET story_id = %s WHERE id = %s", (row[0], representative_id))
     return int(row[0])
 
 
@@ -1329,26 +1362,34 @@ def refresh_story(conn: psycopg.Connection, story_id: int) -> StoryRefresh | Non
     return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
-def add_story_member(conn: psycopg.Connection, story_id: int,
-                     article_id: int) -> StoryRefresh | None:
-    """Count an article that has just joined a story, and make it the representative if it
-    beats the current one by refresh_story's order.
+def join_story(conn: psycopg.Connection, story_id: int, article_id: int, *,
+               matched_article_id: int, detail: dict[str, object]) -> StoryRefresh | None:
+    """File a new article under a story it copies (its only story): set its story, note the
+    change (member_added), count it in, and make it the representative if it beats the
+    current one by refresh_story's order. One statement, reading two articles rather than
+    every member: a wire story copied by hundreds of outlets would otherwise re-read all of
+    them for each copy (ops/bench pipeline).
 
-    Reads two articles instead of every member: a wire story copied by hundreds of outlets
-    would otherwise re-read all of them for each copy (ops/bench pipeline)."""
-    lock_story(conn, story_id)
+    The caller holds the story's row already (file_first_version's `joining_story_id`), so
+    this statement's snapshot, taken after that lock, sees every earlier member."""
     row = conn.execute(
         "WITH old AS (SELECT representative_id FROM stories WHERE id = %(s)s),"
-        " best AS ("
-        "  SELECT a.id FROM articles a, old"
-        "  WHERE a.id IN (old.representative_id, %(a)s) AND a.state = 'stored'"
+        " filed AS (UPDATE articles SET story_id = %(s)s WHERE id = %(a)s),"
+        " noted AS (INSERT INTO story_changes (kind, story_id, article_id, other_article_id,"
+        "   detail) VALUES ('member_added', %(s)s, %(a)s, %(m)s, %(d)s)),"
+        # The two ids as an array, so both are index probes whatever the table statistics.
+        " best AS (SELECT a.id FROM articles a"
+        "  WHERE a.id = ANY(ARRAY[(SELECT representative_id FROM old), %(a)s]::bigint[])"
+        "   AND a.state = 'stored'"
         "  ORDER BY a.shingle_count DESC NULLS LAST, a.published_at NULLS LAST, a.id LIMIT 1)"
         " UPDATE stories s SET representative_id = best.id, member_count = s.member_count + 1,"
         "   updated_at = now()"
         " FROM best, old WHERE s.id = %(s)s"
         " RETURNING s.id, old.representative_id, s.representative_id, s.member_count",
-        {"s": story_id, "a": article_id},
+        {"s": story_id, "a": article_id, "m": matched_article_id, "d": Jsonb(detail)},
     ).fetchone()
+    _follow_story_change(conn, "member_added", story_id=story_id, article_id=article_id,
+                         other_story_id=None, detail=detail)
     return None if row is None else StoryRefresh(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
@@ -1374,6 +1415,14 @@ def record_story_change(conn: psycopg.Connection, kind: str, *, story_id: int | 
         " other_article_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
         (kind, story_id, article_id, other_story_id, other_article_id, Jsonb(detail or {})),
     )
+    _follow_story_change(conn, kind, story_id=story_id, article_id=article_id,
+                         other_story_id=other_story_id, detail=detail)
+
+
+def _follow_story_change(conn: psycopg.Connection, kind: str, *, story_id: int | None,
+                         article_id: int | None, other_story_id: int | None,
+                         detail: dict[str, object] | None) -> None:
+    """Put a story change that consumers follow on the change feed."""
     if kind in {"story_merged", "member_added"} and story_id is not None:
         # For a consumer both mean "this story absorbed more": a copy joined it
         # (member_added) or another story was folded into it (story_merged).

@@ -89,7 +89,7 @@ def test_a_store_cut_off_by_the_database_gives_its_lease_back(
         def storing_waits() -> bool:
             waiting[:] = [r[0] for r in db.execute(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE 'INSERT INTO article_versions%%'")]
+                " AND query LIKE '%%INSERT INTO article_versions%%'")]
             return bool(waiting)
 
         wait_for(storing_waits, 30, "the storing transaction to wait on the row")
