@@ -77,8 +77,9 @@ def file_known_url(conn: psycopg.Connection, article_id: int, owner_id: int,
 
 
 def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, article: Article,
-                 signature: dedup.Signature, urls: dict[str, str]) -> Filed:
-    """File a freshly stored article: same URL (new version?), exact, near, update or unique."""
+                 signature: dedup.Signature, urls: dict[str, str]) -> Filed | None:
+    """Store a pending article's text and file it: same URL (new version?), exact, near,
+    update or unique. None, with nothing written, if the article is no longer pending."""
     canonical, source = dedup.choose_canonical_url(page.final_url, article.canonical_url)
     lock_for(conn, urls=[canonical], signature=signature)
     aliases = {canonical: "canonical", **urls, dedup.canonicalize_url(page.final_url): "final",
@@ -89,6 +90,8 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
     owner_id = store.find_article_by_url(conn, canonical)
     if owner_id is not None and owner_id != article_id:
         # The same document reached through another URL: one article, and maybe a new version.
+        if not store.store_article(conn, article_id, page, article):
+            return None
         store.mark_duplicate(conn, article_id, owner_id)
         store.move_entries(conn, article_id, owner_id)
         store.add_aliases(conn, owner_id, aliases.items())
@@ -102,16 +105,19 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
         return Filed(owner_id, "url", 1.0, owner_id, filed.story_id, filed.version,
                      filed.new_version)
 
-    # Matching reads only what was filed before, so it comes first: the text's own rows are
-    # then one statement, which also locks the story a copy is about to join.
+    # Matching reads only what was filed before, so it comes first. The text's own rows are
+    # then two statements: the article row with its identity, and the rest in one, which
+    # also locks the story a copy is about to join.
     matches = find_matches(conn, article_id, article.text, article.title, signature)
     best = matches[0] if matches else None
     joined = {m.story_id for m in matches}
     joining = next(iter(joined)) if len(joined) == 1 else None
+    identity = store.Identity(canonical, article.site_name or dedup.site_of(canonical),
+                              signature.fingerprint, signature.shingle_count)
+    if not store.store_article(conn, article_id, page, article, identity):
+        return None
     store.file_first_version(
-        conn, article_id, canonical_url=canonical,
-        outlet=article.site_name or dedup.site_of(canonical), aliases=aliases.items(),
-        title=article.title, body=article.text, content_hash=_content_hash(article.text),
+        conn, article_id, aliases=aliases.items(), title=article.title, body=article.text, content_hash=_content_hash(article.text),
         fingerprint=signature.fingerprint, final_url=page.final_url,
         shingle_count=signature.shingle_count, band_keys=signature.band_keys,
         method=signature.method,

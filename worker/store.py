@@ -551,9 +551,22 @@ def lease_article(conn: psycopg.Connection, article_id: int, *,
         return cur.fetchone()
 
 
-def store_article(conn: psycopg.Connection, article_id: int, page: Page,
-                  article: Article) -> bool:
-    """Store extracted content and mark the article stored; False if it was not pending."""
+@dataclass(frozen=True)
+class Identity:
+    """What dedup gives a new text's article row: canonical URL, outlet and fingerprint."""
+
+    canonical_url: str
+    outlet: str | None
+    fingerprint: str
+    shingle_count: int
+
+
+def store_article(conn: psycopg.Connection, article_id: int, page: Page, article: Article,
+                  identity: Identity | None = None) -> bool:
+    """Store extracted content and mark the article stored; False if it was not pending.
+
+    With `identity` (lineage.file_article, for a new text) the same UPDATE makes it version
+    1 under that identity: one new row version of a wide, much-indexed row, not two."""
     content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
     row = conn.execute(
         # canonical_url is talkwire's own (set by the dedup step); the page's claim is kept apart.
@@ -568,7 +581,10 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
         "   a.feed_published_at, (h.hints->>'published_at')::timestamptz),"
         " content_hash = %(hash)s, extractor = %(extractor)s, extract_warnings = %(warnings)s,"
         " fetched_at = now(), stored_at = now(), leased_until = NULL, fail_reason = NULL,"
-        " fail_detail = NULL"
+        " fail_detail = NULL, canonical_url = COALESCE(%(canonical)s, a.canonical_url),"
+        " outlet = COALESCE(%(outlet)s, a.outlet), fingerprint = COALESCE(%(fp)s, a.fingerprint),"
+        " shingle_count = COALESCE(%(shingles)s, a.shingle_count),"
+        " version = CASE WHEN %(canonical)s::text IS NULL THEN a.version ELSE 1 END"
         " FROM (SELECT (SELECT hints FROM submissions WHERE article_id = %(id)s"
         "   AND hints <> '{}' ORDER BY id LIMIT 1) AS hints) h"
         " WHERE a.id = %(id)s AND a.state = 'pending' RETURNING a.id",  # RETURNING: pipeline mode
@@ -577,7 +593,11 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page,
          "site": article.site_name, "language": article.language,
          "description": article.description, "published": article.published,
          "hash": content_hash, "extractor": article.extractor,
-         "warnings": list(article.warnings), "id": article_id},
+         "warnings": list(article.warnings), "id": article_id,
+         "canonical": identity.canonical_url if identity else None,
+         "outlet": identity.outlet if identity else None,
+         "fp": identity.fingerprint if identity else None,
+         "shingles": identity.shingle_count if identity else None},
     ).fetchone()
     return row is not None
 
@@ -1106,24 +1126,21 @@ def get_dedup_row(conn: psycopg.Connection, article_id: int) -> DedupRow | None:
         return cur.fetchone()
 
 
-def file_first_version(conn: psycopg.Connection, article_id: int, *, canonical_url: str,
-                       outlet: str | None, aliases: Iterable[tuple[str, str]],
-                       title: str | None, body: str, content_hash: str, fingerprint: str,
-                       final_url: str | None, shingle_count: int, band_keys: Sequence[int],
-                       method: str, indexed: bool, joining_story_id: int | None) -> None:
-    """Give a newly stored article its identity (canonical URL, outlet, fingerprint), its
-    aliases, version 1 and its signature, and its band rows if it is `indexed`.
+def file_first_version(conn: psycopg.Connection, article_id: int, *,
+                       aliases: Iterable[tuple[str, str]], title: str | None, body: str,
+                       content_hash: str, fingerprint: str, final_url: str | None,
+                       shingle_count: int, band_keys: Sequence[int], method: str,
+                       indexed: bool, joining_story_id: int | None) -> None:
+    """Give a new text, stored with its identity (store_article), its aliases, version 1,
+    its signature, and its band rows if it is `indexed`.
 
-    One statement for what a new text needs, where one each cost a round of executor and
-    protocol work per article (ops/bench store). With `joining_story_id` it also locks the
+    One statement for all of them, where one each cost a round of executor and protocol
+    work per article (ops/bench store). With `joining_story_id` it also locks the
     story that the article is about to join, as lock_story does: join_story, the next
     statement, then reads that story after any concurrent filing into it has committed."""
     urls = dict(aliases)
     conn.execute(
-        "WITH identity AS (UPDATE articles SET canonical_url = %(canonical)s,"
-        "   outlet = %(outlet)s, fingerprint = %(fp)s, shingle_count = %(shingles)s,"
-        "   version = 1 WHERE id = %(id)s),"
-        " aliases AS (INSERT INTO article_aliases (url, article_id, kind)"
+        "WITH aliases AS (INSERT INTO article_aliases (url, article_id, kind)"
         "   SELECT u, %(id)s, k FROM unnest(%(urls)s::text[], %(kinds)s::text[]) AS a(u, k)"
         "   ON CONFLICT (url) DO NOTHING),"
         " version AS (INSERT INTO article_versions (article_id, version, title, body,"
@@ -1140,8 +1157,7 @@ def file_first_version(conn: psycopg.Connection, article_id: int, *, canonical_u
         # A CTE that only reads runs when the query refers to it, hence the count.
         " joining AS (SELECT 1 FROM stories WHERE id = %(story)s FOR UPDATE)"
         " SELECT count(*) FROM joining",
-        {"id": article_id, "canonical": canonical_url, "outlet": outlet, "fp": fingerprint,
-         "shingles": shingle_count, "urls": list(urls), "kinds": list(urls.values()),
+        {"id": article_id, "fp": fingerprint, "shingles": shingle_count, "urls": list(urls), "kinds": list(urls.values()),
          "title": title, "body": body, "hash": content_hash, "final": final_url,
          "bands": list(band_keys), "method": method,
          "indexed": list(band_keys) if indexed else [], "story": joining_story_id},

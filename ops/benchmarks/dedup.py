@@ -128,7 +128,6 @@ def store_real_pages(conn: psycopg.Connection, extracted: list[tuple[Page, Artic
     for page, article in extracted:
         article_id, _ = store.add_article_url(conn, page.url, origin="cli")
         with conn.transaction():
-            store.store_article(conn, article_id, page, article)
             lineage.file_article(conn, article_id, page=page, article=article,
                                  signature=dedup.sign_text(article.text, article.title),
                                  urls=dedup.url_variants(page.url))
