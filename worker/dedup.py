@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import hashlib
 import re
 import struct
@@ -140,8 +141,11 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
     return value, len(raw) + 1  # truncated: the caller's loop ends
 
 
+@functools.lru_cache(maxsize=1024)
 def canonicalize_url(url: str) -> str:
-    """The canonical form of a URL: redirect unwrapped, normalized by courlan, no fragment."""
+    """The canonical form of a URL: redirect unwrapped, normalized by courlan, no fragment.
+
+    Cached: filing one article asks for the same few URLs' forms five times or so."""
     # courlan lower-cases scheme and host, drops default ports, sorts the query and removes
     # known trackers (utm_*, fbclid, ...); a fragment never names a different document.
     target = urldefrag(unwrap_redirect_url(url))[0]
