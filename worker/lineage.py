@@ -117,10 +117,10 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
     if not store.store_article(conn, article_id, page, article, identity):
         return None
     store.file_first_version(
-        conn, article_id, aliases=aliases.items(), title=article.title, body=article.text, content_hash=_content_hash(article.text),
-        fingerprint=signature.fingerprint, final_url=page.final_url,
-        shingle_count=signature.shingle_count, band_keys=signature.band_keys,
-        method=signature.method,
+        conn, article_id, aliases=aliases.items(), title=article.title, body=article.text,
+        content_hash=_content_hash(article.text), fingerprint=signature.fingerprint,
+        final_url=page.final_url, shingle_count=signature.shingle_count,
+        band_keys=signature.band_keys, method=signature.method,
         # A word-for-word copy is not indexed: the text is, under its first copy, whose bands
         # are the same keys. The band lookup then finds each text once, and a wire story run
         # by a hundred outlets adds one set of band rows, not a hundred (add_version hands

@@ -1157,9 +1157,9 @@ def file_first_version(conn: psycopg.Connection, article_id: int, *,
         # A CTE that only reads runs when the query refers to it, hence the count.
         " joining AS (SELECT 1 FROM stories WHERE id = %(story)s FOR UPDATE)"
         " SELECT count(*) FROM joining",
-        {"id": article_id, "fp": fingerprint, "shingles": shingle_count, "urls": list(urls), "kinds": list(urls.values()),
-         "title": title, "body": body, "hash": content_hash, "final": final_url,
-         "bands": list(band_keys), "method": method,
+        {"id": article_id, "fp": fingerprint, "shingles": shingle_count, "urls": list(urls),
+         "kinds": list(urls.values()), "title": title, "body": body, "hash": content_hash,
+         "final": final_url, "bands": list(band_keys), "method": method,
          "indexed": list(band_keys) if indexed else [], "story": joining_story_id},
     )
 
