@@ -1103,15 +1103,30 @@ def find_article_by_url(conn: psycopg.Connection, url: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+# Statements that file_first_version also runs, as parts of its own: named parameters
+# %(id)s with %(urls)s and %(kinds)s; %(version)s, %(shingles)s, %(bands)s and %(method)s;
+# %(indexed)s.
+_INSERT_ALIASES = (
+    "INSERT INTO article_aliases (url, article_id, kind)"
+    " SELECT u, %(id)s, k FROM unnest(%(urls)s::text[], %(kinds)s::text[]) AS a(u, k)"
+    " ON CONFLICT (url) DO NOTHING")
+_UPSERT_SIGNATURE = (
+    "INSERT INTO article_signatures (article_id, version, shingle_count, band_keys, method)"
+    " VALUES (%(id)s, %(version)s, %(shingles)s, %(bands)s, %(method)s)"
+    " ON CONFLICT (article_id) DO UPDATE SET version = EXCLUDED.version,"
+    " shingle_count = EXCLUDED.shingle_count, band_keys = EXCLUDED.band_keys,"
+    " method = EXCLUDED.method, signed_at = now()")
+_INSERT_BANDS = (
+    "INSERT INTO article_bands (band_key, article_id)"
+    " SELECT k, %(id)s FROM unnest(%(indexed)s::bigint[]) AS k ON CONFLICT DO NOTHING")
+
+
 def add_aliases(conn: psycopg.Connection, article_id: int,
                 aliases: Iterable[tuple[str, str]]) -> None:
     """Record (url, kind) aliases of an article; a URL already owned keeps its owner."""
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO article_aliases (url, article_id, kind) VALUES (%s, %s, %s)"
-            " ON CONFLICT (url) DO NOTHING",
-            [(url, article_id, kind) for url, kind in dict(aliases).items()],
-        )
+    urls = dict(aliases)
+    conn.execute(_INSERT_ALIASES,
+                 {"id": article_id, "urls": list(urls), "kinds": list(urls.values())})
 
 
 def get_dedup_row(conn: psycopg.Connection, article_id: int) -> DedupRow | None:
@@ -1140,26 +1155,19 @@ def file_first_version(conn: psycopg.Connection, article_id: int, *,
     statement, then reads that story after any concurrent filing into it has committed."""
     urls = dict(aliases)
     conn.execute(
-        "WITH aliases AS (INSERT INTO article_aliases (url, article_id, kind)"
-        "   SELECT u, %(id)s, k FROM unnest(%(urls)s::text[], %(kinds)s::text[]) AS a(u, k)"
-        "   ON CONFLICT (url) DO NOTHING),"
+        f"WITH aliases AS ({_INSERT_ALIASES}),"
         " version AS (INSERT INTO article_versions (article_id, version, title, body,"
         "   content_hash, fingerprint, final_url, fetched_by, material)"
         "   VALUES (%(id)s, 1, %(title)s, %(body)s, %(hash)s, %(fp)s, %(final)s, %(id)s, true)"
         "   ON CONFLICT DO NOTHING),"
-        " signature AS (INSERT INTO article_signatures (article_id, version, shingle_count,"
-        "   band_keys, method) VALUES (%(id)s, 1, %(shingles)s, %(bands)s, %(method)s)"
-        "   ON CONFLICT (article_id) DO UPDATE SET version = EXCLUDED.version,"
-        "   shingle_count = EXCLUDED.shingle_count, band_keys = EXCLUDED.band_keys,"
-        "   method = EXCLUDED.method, signed_at = now()),"
-        " indexed AS (INSERT INTO article_bands (band_key, article_id)"
-        "   SELECT k, %(id)s FROM unnest(%(indexed)s::bigint[]) AS k ON CONFLICT DO NOTHING),"
+        f" signature AS ({_UPSERT_SIGNATURE}),"
+        f" indexed AS ({_INSERT_BANDS}),"
         # A CTE that only reads runs when the query refers to it, hence the count.
         " joining AS (SELECT 1 FROM stories WHERE id = %(story)s FOR UPDATE)"
         " SELECT count(*) FROM joining",
-        {"id": article_id, "fp": fingerprint, "shingles": shingle_count, "urls": list(urls),
-         "kinds": list(urls.values()), "title": title, "body": body, "hash": content_hash,
-         "final": final_url, "bands": list(band_keys), "method": method,
+        {"id": article_id, "urls": list(urls), "kinds": list(urls.values()), "title": title,
+         "body": body, "hash": content_hash, "fp": fingerprint, "final": final_url,
+         "version": 1, "shingles": shingle_count, "bands": list(band_keys), "method": method,
          "indexed": list(band_keys) if indexed else [], "story": joining_story_id},
     )
 
@@ -1241,22 +1249,14 @@ def delete_bands(conn: psycopg.Connection, article_id: int) -> None:
 def upsert_signature(conn: psycopg.Connection, article_id: int, *, version: int,
                      shingle_count: int, band_keys: Sequence[int], method: str) -> None:
     """Store (or replace) the signature of an article's latest text."""
-    conn.execute(
-        "INSERT INTO article_signatures (article_id, version, shingle_count, band_keys, method)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (article_id) DO UPDATE SET"
-        " version = EXCLUDED.version, shingle_count = EXCLUDED.shingle_count,"
-        " band_keys = EXCLUDED.band_keys, method = EXCLUDED.method, signed_at = now()",
-        (article_id, version, shingle_count, list(band_keys), method),
-    )
+    conn.execute(_UPSERT_SIGNATURE, {"id": article_id, "version": version,
+                                     "shingles": shingle_count, "bands": list(band_keys),
+                                     "method": method})
 
 
 def insert_bands(conn: psycopg.Connection, article_id: int, band_keys: Sequence[int]) -> None:
     """Index an article under each of its LSH band keys."""
-    conn.execute(
-        "INSERT INTO article_bands (band_key, article_id)"
-        " SELECT k, %s FROM unnest(%s::bigint[]) AS k ON CONFLICT DO NOTHING",
-        (article_id, list(band_keys)),
-    )
+    conn.execute(_INSERT_BANDS, {"id": article_id, "indexed": list(band_keys)})
 
 
 def index_first_copy(conn: psycopg.Connection, fingerprint: str, *, exclude_id: int) -> None:
