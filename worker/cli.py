@@ -388,7 +388,7 @@ def feeds_add(url: str, title: str | None, discover: bool, add_all: bool) -> Non
     found: list[tuple[str, str | None, str | None]] = [(url, title, None)]
     if discover:
         limits = s.fetch_limits()
-        with make_client(limits) as client:
+        with make_client() as client:
             try:
                 feeds = discover_feeds(url, limits, client=client)
             except TalkwireError as exc:

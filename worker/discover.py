@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-import httpx
 import lxml.html
 from lxml import etree
 
 from worker.errors import Permanent, Transient
-from worker.fetch import fetch_url
+from worker.fetch import Client, fetch_url
 from worker.poll import parse_feed
 from worker.types import FetchLimits
 
@@ -62,7 +61,7 @@ def find_feed_links(html: bytes, base_url: str) -> list[str]:
     return found
 
 
-def _try_feed(url: str, limits: FetchLimits, client: httpx.Client, how: str) -> FoundFeed | None:
+def _try_feed(url: str, limits: FetchLimits, client: Client, how: str) -> FoundFeed | None:
     try:
         page = fetch_url(url, limits, client=client, accept=_ACCEPT)
         feed = parse_feed(page.body, base_url=page.final_url, content_type=page.content_type)
@@ -71,7 +70,7 @@ def _try_feed(url: str, limits: FetchLimits, client: httpx.Client, how: str) -> 
     return FoundFeed(page.final_url, feed.title, feed.link, feed.format, how)
 
 
-def discover_feeds(url: str, limits: FetchLimits, *, client: httpx.Client) -> list[FoundFeed]:
+def discover_feeds(url: str, limits: FetchLimits, *, client: Client) -> list[FoundFeed]:
     """The feeds reachable from url: itself if it is one, else the ones its page announces,
     else the first common path that holds one. Raises when url itself cannot be fetched."""
     page = fetch_url(url, limits, client=client, accept=_ACCEPT)

@@ -45,8 +45,6 @@ def configure_logging(level: str = "INFO") -> None:
     _LOG.handlers[:] = [handler]
     _LOG.setLevel(level)
     _LOG.propagate = False
-    # httpx logs every request at INFO; the outcome line already names the URL and fetch_ms.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 class Steps:

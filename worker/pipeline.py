@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import psycopg
 from psycopg_pool import ConnectionPool
 
@@ -36,7 +35,7 @@ from worker.contracts import (
 )
 from worker.errors import Overrun, Permanent, Transient
 from worker.extract import article_from_text, extract_article
-from worker.fetch import fetch_url, make_client
+from worker.fetch import Client, fetch_url, make_client
 from worker.logs import Steps, log_outcome
 from worker.politeness import HostLimiter, HostPermit, HostWait, redis_client
 from worker.poll import (
@@ -83,7 +82,7 @@ class Context:
 
     settings: Settings
     pool: ConnectionPool
-    http: httpx.Client
+    http: Client
     limits: FetchLimits
     knowledge: Knowledge
     hosts: HostLimiter | None = None
@@ -112,7 +111,7 @@ def open_context(settings: Settings) -> Context:
                             # A lease outlives any fetch, so only a dead worker's lease expires.
                             lease_seconds=settings.fetch_deadline + 5,
                             max_wait=settings.host_max_wait)
-    return Context(settings=settings, pool=pool, http=make_client(limits), limits=limits,
+    return Context(settings=settings, pool=pool, http=make_client(), limits=limits,
                    knowledge=load_knowledge(), hosts=hosts)
 
 

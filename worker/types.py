@@ -1,6 +1,6 @@
 """Frozen values that cross stage boundaries.
 
-Untyped library output (feedparser dicts, trafilatura documents, httpx responses) is turned
+Untyped library output (feedparser dicts, trafilatura documents, HTTP responses) is turned
 into these at the edge, so the stages after it never see a library type.
 """
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from worker.errors import Permanent, Transient
@@ -97,6 +96,27 @@ def _page(h: Hostile) -> None:
 @route("/echo")
 def _echo(h: Hostile) -> None:
     h.reply(200, json.dumps(dict(h.headers.items())).encode(), {"Content-Type": "application/json"})
+
+
+@route("/target/")
+def _target(h: Hostile) -> None:  # the request target exactly as it arrived
+    h.reply(200, h.path.encode("ascii", "backslashreplace"), {"Content-Type": "text/plain"})
+
+
+@route("/chunked")
+def _chunked(h: Hostile) -> None:
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.wfile.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+
+
+@route("/bad-chunk")
+def _bad_chunk(h: Hostile) -> None:
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.wfile.write(b"zz\r\nhello\r\n0\r\n\r\n")
 
 
 @route("/etag")
@@ -343,7 +363,7 @@ def test_connects_to_the_vetted_ip_with_the_real_host(monkeypatch: pytest.Monkey
     page = fetch_url(f"http://news.test:{port}/echo", limits())
     assert json.loads(page.body)["Host"] == f"news.test:{port}"
     assert page.final_url == f"http://news.test:{port}/echo"
-    assert asked == ["news.test"]  # resolved once, for the check; httpx never resolves it again
+    assert asked == ["news.test"]  # resolved once, for the check; the connection goes to the IP
 
 
 def test_redirect_to_metadata_is_blocked_even_with_loopback_allowed(hostile_server: str) -> None:
@@ -363,7 +383,7 @@ def test_environment_proxies_are_ignored(monkeypatch: pytest.MonkeyPatch,
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert fetch_url(f"{hostile_server}/page", limits()).body == b"hello world"
-    with make_client(limits()) as client:
+    with make_client() as client:
         assert fetch_url(f"{hostile_server}/page", limits(), client=client).status == 200
 
 
@@ -385,6 +405,35 @@ def test_request_headers(hostile_server: str) -> None:
     assert sent["User-Agent"] == "tw-test/1" and sent["Accept"] == "application/rss+xml"
     assert "If-None-Match" not in sent
     assert json.loads(fetch_url(f"{hostile_server}/echo", limits()).body)["Accept"] == "*/*"
+
+
+def test_an_iri_is_sent_percent_encoded(hostile_server: str) -> None:
+    # Feeds in Arabic and Russian list article links with raw letters and spaces in them.
+    page = fetch_url(f"{hostile_server}/target/محادثات أستانا?q=Женева 5&x=%D8%A3", limits())
+    assert page.body == (b"/target/%D9%85%D8%AD%D8%A7%D8%AF%D8%AB%D8%A7%D8%AA%20%D8%A3%D8%B3"
+                         b"%D8%AA%D8%A7%D9%86%D8%A7?q=%D0%96%D0%B5%D0%BD%D0%B5%D0%B2%D0%B0%205"
+                         b"&x=%D8%A3")  # an escape already made is not escaped again
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(hostile_server: str) -> None:
+    origin = hostile_server.replace("http://", "http://wire:p%40ss@")
+    sent = json.loads(fetch_url(f"{origin}/echo", limits()).body)
+    assert sent["Authorization"] == "Basic d2lyZTpwQHNz"  # wire:p@ss
+    assert "Authorization" not in json.loads(fetch_url(f"{hostile_server}/echo", limits()).body)
+
+
+def test_an_international_hostname_is_sent_in_its_idna_form(
+        monkeypatch: pytest.MonkeyPatch, hostile_server: str) -> None:
+    port = urlsplit(hostile_server).port
+    asked = fake_dns(monkeypatch, {"xn--h1alffa9f.test": ["127.0.0.1"]})
+    page = fetch_url(f"http://Россия.test:{port}/echo", limits())
+    assert json.loads(page.body)["Host"] == f"xn--h1alffa9f.test:{port}"
+    assert asked == ["xn--h1alffa9f.test"]
+
+
+def test_chunked_bodies(hostile_server: str) -> None:
+    assert fetch_url(f"{hostile_server}/chunked", limits()).body == b"hello world"
+    raises(Transient, "connect_error", lambda: fetch_url(f"{hostile_server}/bad-chunk", limits()))
 
 
 def test_conditional_get(hostile_server: str) -> None:
@@ -547,7 +596,7 @@ def test_https_uses_hostname_for_sni_and_verification(
     port, cert, seen_sni = tls_server
     fake_dns(monkeypatch, {"sni.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
     trust_test_cert = ssl.create_default_context(cafile=str(cert))
-    with httpx.Client(verify=trust_test_cert, trust_env=False) as client:
+    with make_client(tls=trust_test_cert) as client:
         page = fetch_url(f"https://sni.test:{port}/echo", limits(), client=client)
         assert json.loads(page.body)["Host"] == f"sni.test:{port}"
         assert seen_sni[-1] == "sni.test" and page.final_url.startswith("https://sni.test:")
