@@ -313,9 +313,10 @@ def process_article(ctx: Context, article_id: int, *, final_attempt: bool = Fals
     With a `deadline` (time.monotonic()), an extraction that ends past it raises Overrun
     and nothing is stored."""
     started = time.monotonic()
-    # Pipeline mode around the transaction: BEGIN travels with the first statement and COMMIT
-    # with the last sync, two round trips fewer per block (ops/bench pipeline).
-    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
+    # No psycopg pipeline mode here or in the storing transaction: it saved round trips but
+    # cost more CPU than it saved, 0.4-0.7 ms client and 0.1-0.4 ms Postgres per article
+    # (ops/bench store), and the workers are bound by CPU, not by waiting (issue 9).
+    with ctx.pool.connection() as conn, conn.transaction():
         row = store.lease_article(conn, article_id, lease_seconds=ctx.settings.lease_seconds)
         if row is not None:
             # Google News redirect links are unwrapped offline (issue 6); a URL that is
@@ -381,8 +382,7 @@ def _process_leased(ctx: Context, row: store.ArticleRow, target: str, owner_id: 
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
     # The store step includes the pool checkout and the commit.
-    with steps.timed("store"), ctx.pool.connection() as conn, conn.pipeline(), \
-            conn.transaction():
+    with steps.timed("store"), ctx.pool.connection() as conn, conn.transaction():
         done = file_and_understand(conn, ctx, article_id, page=page, article=article,
                                    signature=signature, urls=urls, result=result,
                                    published=published, origin=row.origin)
@@ -470,11 +470,6 @@ def file_and_understand(conn: psycopg.Connection, ctx: Context, article_id: int,
     Used by every path that stores an article (a fetched page, a producer's document), so
     each lands the same way. A copy under a URL we already hold (method `url`) takes its
     labels from the article it duplicates.
-
-    Callers hold the connection in pipeline mode around the transaction
-    (`conn.pipeline(), conn.transaction()`): writes whose results nobody reads go out with
-    the next query that needs an answer, and COMMIT with the last of them, so a copy's ~11
-    statements cost ~5 round trips (ops/bench pipeline).
     """
     changed: list[str] = []
     # The change feed's rows (a copy joining its story, round links, the new article) are
@@ -773,7 +768,7 @@ def ingest_url(ctx: Context, message: IngestUrl, *, via: str,
     started = time.monotonic()
     created = False
     article_id: int | None = None
-    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
+    with ctx.pool.connection() as conn, conn.transaction():
         claim = _claim(conn, message, via, source_ref)
         if claim.fresh:
             article_id, created = store.add_article_url(conn, message.url, origin="producer")
@@ -815,7 +810,7 @@ def ingest_document(ctx: Context, message: IngestDocument, *, via: str,
         published = article.published or message.hints.published_at
         result = classify_text(ctx, title=article.title, text=article.text,
                                language=article.language, published=published)
-    with ctx.pool.connection() as conn, conn.pipeline(), conn.transaction():
+    with ctx.pool.connection() as conn, conn.transaction():
         claim = _claim(conn, message, via, source_ref)
         if claim.fresh:
             article_id, created = store.add_article_url(conn, message.url, origin="producer")

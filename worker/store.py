@@ -587,7 +587,7 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page, article
         " version = CASE WHEN %(canonical)s::text IS NULL THEN a.version ELSE 1 END"
         " FROM (SELECT (SELECT hints FROM submissions WHERE article_id = %(id)s"
         "   AND hints <> '{}' ORDER BY id LIMIT 1) AS hints) h"
-        " WHERE a.id = %(id)s AND a.state = 'pending' RETURNING a.id",  # RETURNING: pipeline mode
+        " WHERE a.id = %(id)s AND a.state = 'pending' RETURNING a.id",
         {"final_url": page.final_url, "declared": article.canonical_url, "status": page.status,
          "title": article.title, "body": article.text, "author": article.author,
          "site": article.site_name, "language": article.language,
@@ -1331,7 +1331,7 @@ def set_article_story(conn: psycopg.Connection, article_id: int, story_id: int) 
 
 def merge_story(conn: psycopg.Connection, story_id: int, into_story_id: int) -> int:
     """Move every member of a story into another and mark it merged; return members moved."""
-    # Counted from RETURNING rather than rowcount, which pipeline mode leaves unset.
+    # Counted from RETURNING rather than rowcount, which psycopg's pipeline mode leaves unset.
     row = conn.execute("WITH moved AS (UPDATE articles SET story_id = %s WHERE story_id = %s"
                        " RETURNING 1) SELECT count(*) FROM moved",
                        (into_story_id, story_id)).fetchone()
