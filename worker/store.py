@@ -7,6 +7,7 @@ pipeline can put several statements in one transaction and enqueue only after it
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg.rows import class_row, dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 
 from worker.classify import Classification
 from worker.poll import entry_key
@@ -692,9 +693,10 @@ def save_classification(conn: psycopg.Connection, article_id: int, result: Class
     if not fresh:
         conn.execute("DELETE FROM article_facts WHERE article_id = %s", (article_id,))
     # The label and every fact in one statement (a talks story has a dozen facts or more),
-    # the facts in their order.
-    facts = _fact_rows(result)
-    columns = [list(column) for column in zip(*facts, strict=True)] if facts else [[]] * 12
+    # the facts in their order. They travel as one JSON document: psycopg builds array
+    # literals in Python, and twelve arrays of 32 facts cost 0.3-0.5 ms of client CPU
+    # against 0.1 ms for the JSON (issue 9).
+    facts = [dict(zip(_FACT_COLUMNS, row, strict=True)) for row in _fact_rows(result)]
     conn.execute(
         "WITH label AS (INSERT INTO article_labels (article_id, label, score, tracks,"
         "   rules_version, detail) VALUES (%(id)s, %(label)s, %(score)s, %(tracks)s,"
@@ -707,16 +709,16 @@ def save_classification(conn: psycopg.Connection, article_id: int, result: Class
         " relation, date_start, date_end, span_start, span_end, evidence, rules_version)"
         " SELECT %(id)s, kind, value, role, side, track, number, relation, date_start,"
         "   date_end, span_start, span_end, evidence, %(rules)s"
-        " FROM unnest(%(c0)s::text[], %(c1)s::text[], %(c2)s::text[], %(c3)s::text[],"
-        "   %(c4)s::text[], %(c5)s::integer[], %(c6)s::text[], %(c7)s::date[],"
-        "   %(c8)s::date[], %(c9)s::integer[], %(c10)s::integer[], %(c11)s::text[])"
+        " FROM ROWS FROM (json_to_recordset(%(facts)s::json) AS (kind text, value text,"
+        "   role text, side text, track text, number integer, relation text,"
+        "   date_start date, date_end date, span_start integer, span_end integer,"
+        "   evidence text))"
         "   WITH ORDINALITY AS f(kind, value, role, side, track, number, relation,"
         "     date_start, date_end, span_start, span_end, evidence, k)"
         " ORDER BY k",
         {"id": article_id, "label": result.label, "score": result.score,
          "tracks": list(result.tracks), "rules": result.rules_version,
-         "detail": Jsonb(result.to_dict()),
-         **{f"c{n}": column for n, column in enumerate(columns)}},
+         "detail": Jsonb(result.to_dict()), "facts": Json(facts, dumps=_dump_facts)},
     )
     if previous is not None and previous[0] != result.label:
         conn.execute(
@@ -727,9 +729,16 @@ def save_classification(conn: psycopg.Connection, article_id: int, result: Class
     return (previous[0], previous[1]) if previous else (None, None)
 
 
+_FACT_COLUMNS = ("kind", "value", "role", "side", "track", "number", "relation", "date_start",
+                 "date_end", "span_start", "span_end", "evidence")
+
+
+def _dump_facts(facts: object) -> str:
+    return json.dumps(facts, ensure_ascii=False, default=date.isoformat)
+
+
 def _fact_rows(result: Classification) -> list[tuple[object, ...]]:
-    # Columns: kind, value, role, side, track, number, relation, date_start, date_end,
-    # span_start, span_end, evidence.
+    # Columns: _FACT_COLUMNS.
     rows: list[tuple[object, ...]] = []
     for hit in result.track_hits:
         e = hit.evidence
