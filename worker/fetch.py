@@ -286,6 +286,15 @@ def _header(response: http.client.HTTPResponse, name: str) -> str | None:
     return ", ".join(values) if values else None
 
 
+def _utf8_header(value: str) -> str:
+    """A header value as UTF-8 where its bytes are UTF-8: http.client reads every header as
+    Latin-1, and sites with Arabic or Cyrillic slugs send raw UTF-8 in Location."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def _raise_for_status(response: http.client.HTTPResponse, url: str) -> None:
     """Map a status that is neither 2xx nor 304 to Permanent or Transient."""
     code = response.status
@@ -428,7 +437,7 @@ def fetch_url(url: str, limits: FetchLimits, *, etag: str | None = None,
                     body = b"" if response.status == 304 else _read_body(
                         response, limits, deadline_at, watchdog)
                     break
-                location = (_header(response, "location") or "").strip()
+                location = _utf8_header(_header(response, "location") or "").strip()
                 if not location:
                     raise Permanent("bad_redirect", f"{response.status} without Location")
                 target = urljoin(current, location)  # relative Locations resolve against the hop

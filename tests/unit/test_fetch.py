@@ -103,6 +103,12 @@ def _target(h: Hostile) -> None:  # the request target exactly as it arrived
     h.reply(200, h.path.encode("ascii", "backslashreplace"), {"Content-Type": "text/plain"})
 
 
+@route("/to-utf8-slug")
+def _to_utf8_slug(h: Hostile) -> None:  # raw UTF-8 in Location, as some news sites send it
+    h.wfile.write(b"HTTP/1.1 302 Found\r\nLocation: /target/\xd8\xa3\xd8\xb3\xd8\xaa\xd8\xa7"
+                  b"\xd9\x86\xd8\xa7\r\nContent-Length: 0\r\n\r\n")
+
+
 @route("/chunked")
 def _chunked(h: Hostile) -> None:
     h.send_response(200)
@@ -413,6 +419,12 @@ def test_an_iri_is_sent_percent_encoded(hostile_server: str) -> None:
     assert page.body == (b"/target/%D9%85%D8%AD%D8%A7%D8%AF%D8%AB%D8%A7%D8%AA%20%D8%A3%D8%B3"
                          b"%D8%AA%D8%A7%D9%86%D8%A7?q=%D0%96%D0%B5%D0%BD%D0%B5%D0%B2%D0%B0%205"
                          b"&x=%D8%A3")  # an escape already made is not escaped again
+
+
+def test_a_location_in_raw_utf8_is_followed_to_its_slug(hostile_server: str) -> None:
+    page = fetch_url(f"{hostile_server}/to-utf8-slug", limits())
+    assert page.redirects == (f"{hostile_server}/target/أستانا",)
+    assert page.body == b"/target/%D8%A3%D8%B3%D8%AA%D8%A7%D9%86%D8%A7"
 
 
 def test_credentials_in_the_url_are_sent_as_basic_auth(hostile_server: str) -> None:
