@@ -25,7 +25,7 @@ import time
 import zlib
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import certifi
@@ -140,7 +140,7 @@ class Client:
     def close(self) -> None:
         """Nothing is held open between fetches; kept so a Client reads like any client."""
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
