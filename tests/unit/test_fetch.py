@@ -67,6 +67,13 @@ class Hostile(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def chunked(self, framed: bytes) -> None:
+        """Send a 200 whose body is `framed`, already cut into chunks (or not quite)."""
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(framed)
+
     def redirect(self, status: int, location: str) -> None:
         """Send a redirect to `location`."""
         self.reply(status, b"", {"Location": location})
@@ -111,18 +118,12 @@ def _to_utf8_slug(h: Hostile) -> None:  # raw UTF-8 in Location, as some news si
 
 @route("/chunked")
 def _chunked(h: Hostile) -> None:
-    h.send_response(200)
-    h.send_header("Transfer-Encoding", "chunked")
-    h.end_headers()
-    h.wfile.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    h.chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
 
 
 @route("/bad-chunk")
 def _bad_chunk(h: Hostile) -> None:
-    h.send_response(200)
-    h.send_header("Transfer-Encoding", "chunked")
-    h.end_headers()
-    h.wfile.write(b"zz\r\nhello\r\n0\r\n\r\n")
+    h.chunked(b"zz\r\nhello\r\n0\r\n\r\n")  # a chunk size that is not hexadecimal
 
 
 @route("/etag")
