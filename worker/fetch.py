@@ -280,6 +280,18 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+class _Response(http.client.HTTPResponse):
+    """A response that passes over interim answers (103 Early Hints, 102 Processing), as
+    http.client already passes over 100 Continue, instead of taking one for the answer."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 101 < status < 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's fields, unused
+
+
 def _header(response: http.client.HTTPResponse, name: str) -> str | None:
     """A response header's value, repeated fields joined with commas (RFC 9110 5.3)."""
     values = response.headers.get_all(name)
@@ -363,6 +375,7 @@ def _send(client: Client, url: str, limits: FetchLimits, headers: dict[str, str]
     except _WIRE_ERRORS as exc:
         raise _transport_error(exc, watchdog) from exc
     conn = http.client.HTTPConnection(ip, port)
+    conn.response_class = _Response
     conn.sock = sock  # connected above: http.client only writes the request and reads
     try:
         sock.settimeout(min(limits.read_timeout, left))  # for each read and write

@@ -116,6 +116,12 @@ def _to_utf8_slug(h: Hostile) -> None:  # raw UTF-8 in Location, as some news si
                   b"\xd9\x86\xd8\xa7\r\nContent-Length: 0\r\n\r\n")
 
 
+@route("/early-hints")
+def _early_hints(h: Hostile) -> None:  # an interim 103 before the answer
+    h.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </site.css>; rel=preload\r\n\r\n"
+                  b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5\r\n\r\nhello")
+
+
 @route("/chunked")
 def _chunked(h: Hostile) -> None:
     h.chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
@@ -442,6 +448,11 @@ def test_an_international_hostname_is_sent_in_its_idna_form(
     page = fetch_url(f"http://Россия.test:{port}/echo", limits())
     assert json.loads(page.body)["Host"] == f"xn--h1alffa9f.test:{port}"
     assert asked == ["xn--h1alffa9f.test"]
+
+
+def test_an_interim_103_is_passed_over(hostile_server: str) -> None:
+    page = fetch_url(f"{hostile_server}/early-hints", limits())
+    assert (page.status, page.content_type, page.body) == (200, "text/html", b"hello")
 
 
 def test_chunked_bodies(hostile_server: str) -> None:
