@@ -54,6 +54,27 @@ def test_lease_admits_one_worker_at_a_time(db: psycopg.Connection) -> None:
     assert store.lease_article(db, article_id, lease_seconds=60) is None
 
 
+def test_a_lease_reads_one_row_after_a_burst_of_pending_articles(
+        db: psycopg.Connection) -> None:
+    # A worker's connection prepares the lease, and Postgres caches a generic plan for it
+    # while few articles are pending. That plan must still find one article by its id when
+    # an import or a backfill has queued tens of thousands, not read every pending one.
+    early = [store.add_article_url(db, f"http://a/early/{n}", origin="cli")[0] for n in range(12)]
+    for article_id in early:  # psycopg prepares after 5; Postgres goes generic after 5 more
+        assert store.lease_article(db, article_id, lease_seconds=60) is not None
+    db.execute("INSERT INTO articles (url, origin, enqueued_at) SELECT 'http://a/burst/' || g,"
+               " 'cli', now() FROM generate_series(1, 20000) AS g")
+    last = db.execute("SELECT max(id) FROM articles").fetchone()[0]
+    name = db.execute("SELECT name FROM pg_prepared_statements"
+                      " WHERE statement LIKE 'UPDATE articles SET leased_until%'").fetchone()[0]
+    with db.transaction(force_rollback=True):  # EXPLAIN ANALYZE really leases it
+        plan = db.execute(f'EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE "{name}" (60, {last})'
+                          ).fetchone()[0][0]["Plan"]
+    assert plan["Plans"][0]["Actual Rows"] == 1  # the scan under the UPDATE found the article
+    blocks = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+    assert blocks < 50, plan  # one row through an index; the burst spans hundreds of pages
+
+
 def test_sweeper_picks_only_stale_pending_work(db: psycopg.Connection) -> None:
     fresh, _ = store.add_article_url(db, "http://a/fresh", origin="cli")
     stale, _ = store.add_article_url(db, "http://a/stale", origin="cli")
