@@ -88,15 +88,16 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
         # Only a same-site claim: another outlet's URL must stay free for that outlet's article.
         aliases.setdefault(article.canonical_url, "declared")
     owner_id = store.find_article_by_url(conn, canonical)
+    text_hash = store.content_hash(article.text)
     if owner_id is not None and owner_id != article_id:
         # The same document reached through another URL: one article, and maybe a new version.
-        if not store.store_article(conn, article_id, page, article):
+        if not store.store_article(conn, article_id, page, article, text_hash=text_hash):
             return None
         store.mark_duplicate(conn, article_id, owner_id)
         store.move_entries(conn, article_id, owner_id)
         store.add_aliases(conn, owner_id, aliases.items())
         filed = add_version(conn, owner_id, page=page, article=article, signature=signature,
-                            fetched_by=article_id)
+                            text_hash=text_hash, fetched_by=article_id)
         store.record_decision(conn, article_id, version=filed.version, method="url", score=1.0,
                               matched_article_id=owner_id, story_id=filed.story_id,
                               evidence={"canonical_url": canonical, "canonical_source": source,
@@ -114,11 +115,12 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
     joining = next(iter(joined)) if len(joined) == 1 else None
     identity = store.Identity(canonical, article.site_name or dedup.site_of(canonical),
                               signature.fingerprint, signature.shingle_count)
-    if not store.store_article(conn, article_id, page, article, identity):
+    if not store.store_article(conn, article_id, page, article, text_hash=text_hash,
+                               identity=identity):
         return None
     store.file_first_version(
         conn, article_id, aliases=aliases.items(), title=article.title, body=article.text,
-        content_hash=_content_hash(article.text), fingerprint=signature.fingerprint,
+        content_hash=text_hash, fingerprint=signature.fingerprint,
         final_url=page.final_url, shingle_count=signature.shingle_count,
         band_keys=signature.band_keys, method=signature.method,
         # A word-for-word copy is not indexed: the text is, under its first copy, whose bands
@@ -155,7 +157,7 @@ def refile_article(conn: psycopg.Connection, article_id: int, *, page: Page, art
              also=[row.fingerprint] if row.fingerprint else [])
     store.add_aliases(conn, article_id, [(page.final_url, "final")])
     filed = add_version(conn, article_id, page=page, article=article, signature=signature,
-                        fetched_by=article_id)
+                        text_hash=store.content_hash(article.text), fetched_by=article_id)
     if filed.new_version:
         store.record_decision(conn, article_id, version=filed.version, method="url", score=1.0,
                               matched_article_id=article_id, story_id=filed.story_id,
@@ -164,21 +166,21 @@ def refile_article(conn: psycopg.Connection, article_id: int, *, page: Page, art
 
 
 def add_version(conn: psycopg.Connection, owner_id: int, *, page: Page, article: Article,
-                signature: dedup.Signature, fetched_by: int) -> Filed:
-    """Record the text as the owner's next version if it changed; re-place it in the stories."""
+                signature: dedup.Signature, text_hash: str, fetched_by: int) -> Filed:
+    """Record the text (whose store.content_hash is `text_hash`) as the owner's next version
+    if it changed; re-place it in the stories."""
     owner = store.get_dedup_row(conn, owner_id)
     assert owner is not None and owner.body is not None
-    content_hash = _content_hash(article.text)
-    if content_hash == owner.content_hash:
+    if text_hash == owner.content_hash:
         return Filed(owner_id, "url", 1.0, owner_id, owner.story_id, owner.version)
     diff = dedup.diff_versions(owner.body, article.text)
     version = owner.version + 1
     store.insert_version(conn, owner_id, version, title=article.title, body=article.text,
-                         content_hash=content_hash, fingerprint=signature.fingerprint,
+                         content_hash=text_hash, fingerprint=signature.fingerprint,
                          final_url=page.final_url, fetched_by=fetched_by,
                          diff_summary=diff.summary(), diff=asdict(diff), material=diff.material)
     store.update_article_text(conn, owner_id, version=version, title=article.title,
-                              body=article.text, content_hash=content_hash,
+                              body=article.text, content_hash=text_hash,
                               fingerprint=signature.fingerprint,
                               shingle_count=signature.shingle_count, final_url=page.final_url)
     store.delete_bands(conn, owner_id)
@@ -317,8 +319,3 @@ def _note_representative(conn: psycopg.Connection, refreshed: store.StoryRefresh
         store.record_story_change(conn, "representative_changed", story_id=refreshed.story_id,
                                   article_id=refreshed.representative_id,
                                   other_article_id=refreshed.old_representative_id)
-
-
-def _content_hash(text: str) -> str:
-    # The same hash store.store_article keeps in articles.content_hash.
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

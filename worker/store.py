@@ -562,13 +562,18 @@ class Identity:
     shingle_count: int
 
 
-def store_article(conn: psycopg.Connection, article_id: int, page: Page, article: Article,
-                  identity: Identity | None = None) -> bool:
+def content_hash(text: str) -> str:
+    """The hash of an article's text kept in articles and article_versions (content_hash)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def store_article(conn: psycopg.Connection, article_id: int, page: Page, article: Article, *,
+                  text_hash: str, identity: Identity | None = None) -> bool:
     """Store extracted content and mark the article stored; False if it was not pending.
 
     With `identity` (lineage.file_article, for a new text) the same UPDATE makes it version
-    1 under that identity: one new row version of a wide, much-indexed row, not two."""
-    content_hash = hashlib.sha256(article.text.encode("utf-8")).hexdigest()
+    1 under that identity: one new row version of a wide, much-indexed row, not two.
+    `text_hash` is content_hash(article.text), which the caller needs too."""
     row = conn.execute(
         # The hints are read once, in a CTE: as a subquery in FROM they were read three times,
         # and the statement was planned anew on every call (Postgres judged its generic plan
@@ -596,7 +601,7 @@ def store_article(conn: psycopg.Connection, article_id: int, page: Page, article
          "title": article.title, "body": article.text, "author": article.author,
          "site": article.site_name, "language": article.language,
          "description": article.description, "published": article.published,
-         "hash": content_hash, "extractor": article.extractor,
+         "hash": text_hash, "extractor": article.extractor,
          "warnings": list(article.warnings), "id": article_id,
          "canonical": identity.canonical_url if identity else None,
          "outlet": identity.outlet if identity else None,
