@@ -217,6 +217,11 @@ def shingle_words(words: Sequence[str], size: int = SHINGLE_WORDS) -> set[str]:
     return set(map(" ".join, zip(*(words[i:] for i in range(size)), strict=False)))
 
 
+def content_hash(text: str) -> str:
+    """The hash of an article's exact text, kept as content_hash on articles and versions."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Signature:
     """What dedup keeps about one text: exact fingerprint, shingle count and LSH band keys."""

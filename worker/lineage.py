@@ -88,7 +88,7 @@ def file_article(conn: psycopg.Connection, article_id: int, *, page: Page, artic
         # Only a same-site claim: another outlet's URL must stay free for that outlet's article.
         aliases.setdefault(article.canonical_url, "declared")
     owner_id = store.find_article_by_url(conn, canonical)
-    text_hash = store.content_hash(article.text)
+    text_hash = dedup.content_hash(article.text)
     if owner_id is not None and owner_id != article_id:
         # The same document reached through another URL: one article, and maybe a new version.
         if not store.store_article(conn, article_id, page, article, text_hash=text_hash):
@@ -157,7 +157,7 @@ def refile_article(conn: psycopg.Connection, article_id: int, *, page: Page, art
              also=[row.fingerprint] if row.fingerprint else [])
     store.add_aliases(conn, article_id, [(page.final_url, "final")])
     filed = add_version(conn, article_id, page=page, article=article, signature=signature,
-                        text_hash=store.content_hash(article.text), fetched_by=article_id)
+                        text_hash=dedup.content_hash(article.text), fetched_by=article_id)
     if filed.new_version:
         store.record_decision(conn, article_id, version=filed.version, method="url", score=1.0,
                               matched_article_id=article_id, story_id=filed.story_id,
@@ -167,7 +167,7 @@ def refile_article(conn: psycopg.Connection, article_id: int, *, page: Page, art
 
 def add_version(conn: psycopg.Connection, owner_id: int, *, page: Page, article: Article,
                 signature: dedup.Signature, text_hash: str, fetched_by: int) -> Filed:
-    """Record the text (whose store.content_hash is `text_hash`) as the owner's next version
+    """Record the text (whose dedup.content_hash is `text_hash`) as the owner's next version
     if it changed; re-place it in the stories."""
     owner = store.get_dedup_row(conn, owner_id)
     assert owner is not None and owner.body is not None

@@ -6,7 +6,6 @@ pipeline can put several statements in one transaction and enqueue only after it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -562,18 +561,13 @@ class Identity:
     shingle_count: int
 
 
-def content_hash(text: str) -> str:
-    """The hash of an article's text kept in articles and article_versions (content_hash)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def store_article(conn: psycopg.Connection, article_id: int, page: Page, article: Article, *,
                   text_hash: str, identity: Identity | None = None) -> bool:
     """Store extracted content and mark the article stored; False if it was not pending.
 
     With `identity` (lineage.file_article, for a new text) the same UPDATE makes it version
     1 under that identity: one new row version of a wide, much-indexed row, not two.
-    `text_hash` is content_hash(article.text), which the caller needs too."""
+    `text_hash` is dedup.content_hash(article.text), which the caller needs too."""
     row = conn.execute(
         # The hints are read once, in a CTE: as a subquery in FROM they were read three times,
         # and the statement was planned anew on every call (Postgres judged its generic plan
