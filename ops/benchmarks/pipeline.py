@@ -16,6 +16,10 @@
    duration_ms) for the throughput run, and the CPU of each step alone in this process (no
    Celery, no database). Both end with the ceiling: the best ratio to bare extraction that
    fetch, extract, dedup and classify leave, before any queue or database.
+5. With --floor mark|text, a measuring device instead of the service: the same run with
+   filing cut away from the process worker (ops/benchmarks/floor_worker.py), so that its
+   figures are the floor that the queue, the lease and the four steps leave under any design
+   of filing.
 
 Pages: the 181 pages of ../shared/eval-data/article_extraction_benchmark when present, else
 the repository's fixtures; above that count they are re-served under distinct URLs (those
@@ -243,9 +247,13 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
-def spawn(env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """A `talkwire` subcommand in its own process group, logging to a file."""
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "INFO", *args],
+def spawn(env: dict[str, str], args: list[str], log: Path,
+          floor: str | None = None) -> subprocess.Popen[bytes]:
+    """A `talkwire` subcommand in its own process group, logging to a file; with `floor`,
+    through ops/benchmarks/floor_worker.py, with filing cut away."""
+    entry = ["-m", "worker.cli"] if floor is None else [
+        str(Path(__file__).with_name("floor_worker.py")), floor]
+    return subprocess.Popen([sys.executable, *entry, "--log-level", "INFO", *args],
                             env={**os.environ, **env}, cwd=ROOT, start_new_session=True,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
@@ -335,8 +343,14 @@ def main() -> None:
                              "service's TALKWIRE_WORKER_CONCURRENCY, two per core unless set)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="skip the latency run and the in-process breakdown (for A/B tuning)")
+    parser.add_argument("--floor", choices=("mark", "text"), default=None,
+                        help="not the service: its process worker with filing cut away "
+                             "(mark: only marked stored; text: the storing UPDATE alone), to "
+                             "show what the queue, the lease and the four steps cost without "
+                             "it (ops/benchmarks/floor_worker.py); implies --throughput-only")
     parser.add_argument("--keep", action="store_true", help="keep the database and logs")
     args = parser.parse_args()
+    args.throughput_only = args.throughput_only or args.floor is not None
     args.concurrency = args.concurrency or load_settings().worker_concurrency
 
     pages, source = load_pages()
@@ -344,6 +358,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="twbench-"))
     print(f"pages: {source}; throughput run: {articles} articles; "
           f"{args.concurrency} processes; {os.cpu_count()} cores", flush=True)
+    if args.floor:
+        print(f"FLOOR ({args.floor}), not the service: filing is cut away from the process "
+              "worker (ops/benchmarks/floor_worker.py); the figures below are the floor "
+              "under any design of it", flush=True)
 
     bare_rate, bare_cpu = measure_bare(pages, min(articles, len(pages)), args.concurrency)
     print(f"bare trafilatura: {bare_rate:.1f} pages/s "
@@ -416,7 +434,7 @@ def main() -> None:
     process_log, poll_log = logs / "worker-process.log", logs / "worker-poll.log"
     workers = [
         spawn(env, ["worker", "--queues", "process", "--pool", "prefork",
-                    "--concurrency", str(args.concurrency)], process_log),
+                    "--concurrency", str(args.concurrency)], process_log, floor=args.floor),
         spawn(env, ["worker", "--queues", "poll", "--pool", "threads", "--concurrency", "4"],
               poll_log),
     ]
