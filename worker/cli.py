@@ -419,16 +419,20 @@ def feeds_import(path: Path) -> None:
         entries = read_opml(path.read_bytes())
     except Permanent as exc:
         raise click.ClickException(f"{path}: {exc}") from None
+    from rich.progress import Progress
+
     rt = resolve(_settings())
     added = 0
-    with _connect(rt.settings) as conn:
+    with _connect(rt.settings) as conn, Progress(console=err_console) as progress:
         _prepare(conn)
         known = {f.url for f in store.list_feeds(conn)}
+        bar = progress.add_task(f"importing {path.name}", total=len(entries))
         for item in entries:
             store.add_feed(conn, item.url, title=item.title, source="opml",
                            interval_seconds=rt.settings.poll_interval_default,
                            site_url=item.site_url, category=item.category)
             added += item.url not in known
+            progress.advance(bar)
     console.print(f"imported {len(entries)} feed(s) from {path}: {added} new, "
                   f"{len(entries) - added} already known")
 
@@ -770,6 +774,52 @@ def intake(once: bool, consumer: str | None, metrics_port: int) -> None:
         client.close()
     console.print(" ".join(f"{k}={v}" for k, v in sorted(worker.stats.outcomes.items()))
                   or "nothing to do")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--producer", default="backfill", show_default=True,
+              help="Producer id given to the bare URLs of the file.")
+def backfill(path: Path, producer: str) -> None:
+    """Load an archive: each line a URL to ingest, or a producer message in JSON (with its
+    type); the articles are queued for the workers. Running a file again adds nothing."""
+    from rich.progress import Progress
+
+    from worker import tasks
+    from worker.celery_app import create_app
+    from worker.intake import backfill as backfill_lines
+    from worker.pipeline import open_context
+
+    rt = resolve(_settings())
+    with _connect(rt.settings) as conn:
+        _prepare(conn)
+    create_app(rt.settings)  # the current app: the process and relink tasks go through it
+    ctx = open_context(rt.settings)
+    sent = 0
+
+    def send(article_ids: list[int], round_ids: list[str]) -> None:
+        nonlocal sent
+        tasks.enqueue_articles(article_ids)
+        tasks.enqueue_relinks(round_ids)
+        sent += len(article_ids)
+
+    with path.open("rb") as counting:
+        total = sum(1 for _ in counting)
+    try:
+        with path.open(encoding="utf-8", errors="replace") as lines, \
+                Progress(console=err_console, transient=False) as progress:
+            bar = progress.add_task(f"backfilling {path.name}", total=total)
+            stats = backfill_lines(ctx, lines, source=str(path.resolve()), producer=producer,
+                                   send=send, advance=lambda: progress.advance(bar))
+    finally:
+        ctx.close()
+    console.print(f"backfill of {path.name}: {sent} article(s) queued for the workers")
+    table = Table()
+    table.add_column("outcome")
+    table.add_column("lines", justify="right")
+    for outcome, n in sorted(stats.outcomes.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(outcome, str(n))
+    console.print(table)
 
 
 @main.group("dead-letters")

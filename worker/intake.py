@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,23 +124,14 @@ class Intake:
             # left to do but acknowledge.
             self._ack(ref)
             return
-        try:
-            if MESSAGE_FIELD in fields:
-                outcome = pipeline.accept_message(self.ctx, fields[MESSAGE_FIELD], kind=None,
-                                                  via="stream", source_ref=ref)
-            else:
-                outcome = pipeline.reject_message(
-                    self.ctx, _fields_json(fields), InvalidMessage(
-                        "missing_field", "stream entry has no 'message' field (fields: "
-                        f"{sorted(k.decode('utf-8', 'replace') for k in fields)[:10]})"),
-                    via="stream", source_ref=ref)
-        except (psycopg.OperationalError, redis.ConnectionError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the intake
-            _LOG.exception("intake failed on an entry", extra={"source_ref": ref})
+        if MESSAGE_FIELD in fields:
+            outcome = accept_safely(self.ctx, fields[MESSAGE_FIELD], kind=None, via="stream",
+                                    source_ref=ref)
+        else:
             outcome = pipeline.reject_message(
-                self.ctx, fields.get(MESSAGE_FIELD, _fields_json(fields)),
-                InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}"[:500]),
+                self.ctx, _fields_json(fields), InvalidMessage(
+                    "missing_field", "stream entry has no 'message' field (fields: "
+                    f"{sorted(k.decode('utf-8', 'replace') for k in fields)[:10]})"),
                 via="stream", source_ref=ref)
         # After the commit above: send the follow-up tasks, then acknowledge. A crash between
         # the two resends nothing twice: the redelivered entry is a duplicate, and the
@@ -164,6 +155,69 @@ class Intake:
             # The database is the record; a handled entry has no reason to stay in Redis.
             pipe.xdel(self.stream, ref)
             pipe.execute()
+
+
+def accept_safely(ctx: pipeline.Context, payload: object, *, kind: str | None, via: str,
+                  source_ref: str) -> pipeline.IntakeOutcome:
+    """pipeline.accept_message, with a bug on one message dead-lettered as internal_error
+    instead of stopping the intake; a database or Redis outage is raised."""
+    try:
+        return pipeline.accept_message(ctx, payload, kind=kind, via=via, source_ref=source_ref)
+    except (psycopg.OperationalError, redis.ConnectionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad message must not stop the intake
+        _LOG.exception("intake failed on a message", extra={"via": via, "source_ref": source_ref})
+        return pipeline.reject_message(
+            ctx, payload, InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}"[:500]),
+            via=via, source_ref=source_ref)
+
+
+# --- backfill: a file of URLs or messages, through the same validated path ----------------
+
+# Follow-up tasks are sent once this many articles are committed, and at the end: a backfill
+# killed half-way leaves at most these unsent, pending, for the sweeper to send.
+BACKFILL_SEND_EVERY = 500
+BackfillSend = Callable[[list[int], list[str]], None]
+
+
+def backfill_item(line: str, producer: str) -> tuple[object, str | None] | None:
+    """What one line of a backfill file asks for, as (payload, message kind): a bare URL is
+    an ingest_url message from `producer`; a line starting with `{` is a producer message
+    in JSON that names its own `type`. None for a blank line or a `#` comment."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.startswith("{"):
+        return text, None
+    return {"version": 1, "producer": producer, "url": text}, "ingest_url"
+
+
+def backfill(ctx: pipeline.Context, lines: Iterable[str], *, source: str, producer: str,
+             send: BackfillSend, advance: Callable[[], None] = lambda: None) -> IntakeStats:
+    """Accept each line of a backfill file as a producer message (via `backfill`, source_ref
+    `<source>:<line number>`), sending the articles to process and the rounds to relink in
+    batches after they committed. Running the same file again adds nothing: URLs keep their
+    idempotency keys, and a bad line's dead letter is kept once."""
+    stats = IntakeStats()
+    articles: list[int] = []
+    rounds: list[str] = []
+    try:
+        for number, line in enumerate(lines, 1):
+            item = backfill_item(line, producer)
+            if item is not None:
+                outcome = accept_safely(ctx, item[0], kind=item[1], via="backfill",
+                                        source_ref=f"{source}:{number}"[-200:])
+                stats.add(outcome.outcome if outcome.reason is None
+                          else f"{outcome.outcome}:{outcome.reason}")
+                articles.extend(outcome.enqueue)
+                rounds.extend(outcome.relink)
+                if len(articles) >= BACKFILL_SEND_EVERY:
+                    send(articles, list(dict.fromkeys(rounds)))
+                    articles, rounds = [], []
+            advance()
+    finally:
+        send(articles, list(dict.fromkeys(rounds)))  # what committed, even if a line failed
+    return stats
 
 
 def _fields_json(fields: dict[bytes, bytes]) -> bytes:

@@ -25,6 +25,7 @@ from kombu import Connection
 from psycopg.conninfo import make_conninfo
 
 from tests.conftest import FIXTURES, REPO, WorkerProcess, wait_for
+from tests.e2e.test_cli import talkwire
 from worker import pipeline
 from worker.celery_app import create_app
 from worker.config import Settings
@@ -434,11 +435,6 @@ def test_dead_letters_list_show_and_replay_from_the_command_line(
         ctx.close()
     assert (too_large.reason, not_json.reason) == ("too_large", "not_json")
 
-    def talkwire(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO,
-                              env={**os.environ, "COLUMNS": "200", **env},
-                              capture_output=True, text=True, timeout=120)
-
     listed = talkwire("dead-letters", "list")
     assert "2 dead letter(s)" in listed.stdout
     assert "too_large" in listed.stdout and "not_json" in listed.stdout
@@ -449,7 +445,7 @@ def test_dead_letters_list_show_and_replay_from_the_command_line(
     assert still_bad.returncode == 1 and "rejected again: too_large" in still_bad.stdout
     # Raise the limit, replay: the document is stored and the dead letter says so.
     replayed = talkwire("dead-letters", "replay", str(too_large.dead_letter_id),
-                        TALKWIRE_MESSAGE_MAX_BYTES=str(4 * 1024 * 1024))
+                        env={"TALKWIRE_MESSAGE_MAX_BYTES": str(4 * 1024 * 1024)})
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert f"{too_large.dead_letter_id}: stored" in replayed.stdout
     assert stored_urls(clean) == {"https://mashreq.example/geneva4/long"}
@@ -484,3 +480,57 @@ def test_the_intake_survives_its_stream_being_deleted(
     wait_for(lambda: stored_urls(clean) == {"https://mashreq.example/geneva4/after-flush"}, 60,
              "an entry sent after the flush to be stored")
     assert services["intake"].proc.poll() is None
+
+
+def test_backfill_loads_an_archive_file_and_loading_it_again_adds_nothing(
+        clean: psycopg.Connection, site: SiteServer, services: dict[str, WorkerProcess],
+        tmp_path: Path) -> None:
+    db = clean
+    memorandum = site.url("pages/astana4-memorandum.html")
+    closing = site.url("pages/geneve6-cloture.html")
+    undated = site.url("pages/astana6-tr.html")
+    document = ingest_document_message("https://mashreq.example/archive/geneva4",
+                                       producer="archive-desk")
+    archive = tmp_path / "talks-archive.txt"
+    archive.write_text("\n".join([
+        "# what the desk kept of the Astana and Geneva rounds",
+        memorandum,
+        "",
+        closing,
+        json.dumps({"type": "ingest_url", "version": 1, "producer": "archive-desk",
+                    "url": undated, "hints": {"published_at": "2017-09-15"}}),
+        json.dumps(document, ensure_ascii=False),
+        "ftp://archive.example/astana4.html",  # line 7: not an http(s) URL
+        '{"type": "ingest_url", "version": 1,',  # line 8: cut-off JSON
+        memorandum,  # line 9: the same URL again
+    ]) + "\n", encoding="utf-8")
+
+    first = talkwire("backfill", str(archive))
+    assert first.returncode == 0, first.stderr
+    assert "3 article(s) queued for the workers" in first.stdout
+    rows = {line.split("│")[1].strip(): int(line.split("│")[2])
+            for line in first.stdout.splitlines() if line.count("│") == 3}
+    assert rows == {"queued": 3, "stored": 1, "duplicate": 1, "dead_letter:invalid_value": 1,
+                    "dead_letter:not_json": 1}
+    assert "backfilling talks-archive.txt" in first.stderr  # the progress bar
+    # The workers fetch and store what the backfill queued.
+    wait_for(lambda: stored_urls(db) == {memorandum, closing, undated,
+                                         "https://mashreq.example/archive/geneva4"}, 60,
+             "the backfilled articles stored")
+    assert db.execute("SELECT producer, via, count(*) FROM submissions GROUP BY 1, 2 ORDER BY 1"
+                      ).fetchall() == [("archive-desk", "backfill", 2), ("backfill", "backfill", 2)]
+    # The Turkish page carries no date: the message's hint fills it.
+    assert one(db, "SELECT published_at::date::text FROM articles WHERE url = %s",
+               undated) == "2017-09-15"
+    dead = db.execute("SELECT reason, source_ref FROM dead_letters ORDER BY id").fetchall()
+    assert [(reason, ref.rsplit(":", 1)[1]) for reason, ref in dead] == [
+        ("invalid_value", "7"), ("not_json", "8")]
+    assert dead[0][1].startswith(str(archive.resolve()))
+
+    before = counts(db)
+    again = talkwire("backfill", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert "0 article(s) queued" in again.stdout
+    assert counts(db) == before
+    assert one(db, "SELECT count(*) FROM dead_letters") == 2
+

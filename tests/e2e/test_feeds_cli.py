@@ -66,6 +66,7 @@ def test_opml_import_is_idempotent_and_export_gives_it_back(db: psycopg.Connecti
     first = talkwire("feeds", "import", str(shipped))
     assert first.returncode == 0, first.stderr
     assert f"imported {len(expected)} feed(s)" in first.stdout and f"{len(expected)} new" in first.stdout
+    assert "importing feeds.opml" in first.stderr and "100%" in first.stderr  # the progress bar
     again = talkwire("feeds", "import", str(shipped))
     assert "0 new" in again.stdout
     assert db.execute("SELECT count(*), count(*) FILTER (WHERE source = 'opml') FROM feeds"
