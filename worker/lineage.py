@@ -238,7 +238,7 @@ def find_matches(conn: psycopg.Connection, article_id: int, text: str, title: st
         if cand.body is not None:
             by_fingerprint[key] = dedup.compare_texts(shingles, cand.body, cand.title)
         if cand.story_id is None:
-            continue  # stored before dedup existed; a backfill files it
+            continue  # stored before stories existed: it has none to join
         sim = by_fingerprint[key]
         method = dedup.classify_match(sim)
         if method is not None:
