@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psycopg
@@ -23,6 +23,9 @@ from worker import store
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
 from worker.logs import configure_logging
+
+if TYPE_CHECKING:
+    from worker.intake import IntakeStats
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -787,6 +790,7 @@ def backfill(path: Path, producer: str) -> None:
 
     from worker import tasks
     from worker.celery_app import create_app
+    from worker.intake import BackfillStopped
     from worker.intake import backfill as backfill_lines
     from worker.pipeline import open_context
 
@@ -803,17 +807,30 @@ def backfill(path: Path, producer: str) -> None:
         tasks.enqueue_relinks(round_ids)
         sent += len(article_ids)
 
-    with path.open("rb") as counting:
-        total = sum(1 for _ in counting)
+    stopped: BackfillStopped | None = None
+    # One pass over the bytes, so a pipe (<(zcat archive.gz)) works; its size is unknown.
+    size = path.stat().st_size if path.is_file() else None
     try:
-        with path.open(encoding="utf-8", errors="replace") as lines, \
-                Progress(console=err_console, transient=False) as progress:
-            bar = progress.add_task(f"backfilling {path.name}", total=total)
-            stats = backfill_lines(ctx, lines, source=str(path.resolve()), producer=producer,
-                                   send=send, advance=lambda: progress.advance(bar))
+        with path.open("rb") as stream, Progress(console=err_console) as progress:
+            bar = progress.add_task(f"backfilling {path.name}", total=size)
+            try:
+                stats = backfill_lines(ctx, stream, source=str(path.resolve()),
+                                       producer=producer, send=send,
+                                       advance=lambda n: progress.advance(bar, n))
+            except BackfillStopped as exc:
+                stopped, stats = exc, exc.stats
     finally:
         ctx.close()
     console.print(f"backfill of {path.name}: {sent} article(s) queued for the workers")
+    _print_outcomes(stats)
+    if stopped is not None:
+        raise click.ClickException(
+            f"{str(stopped).rstrip('.')}. The lines before it are loaded, and the sweeper "
+            "sends any of their articles not yet queued; run the same file again once the "
+            "database and Redis answer (loaded lines count as duplicates).")
+
+
+def _print_outcomes(stats: IntakeStats) -> None:
     table = Table()
     table.add_column("outcome")
     table.add_column("lines", justify="right")

@@ -10,19 +10,20 @@ been idle for TALKWIRE_INTAKE_CLAIM_IDLE seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 import redis
 
-from worker import pipeline
+from worker import dedup, pipeline
 from worker.config import Settings
 from worker.contracts import InvalidMessage
 
@@ -180,44 +181,108 @@ BACKFILL_SEND_EVERY = 500
 BackfillSend = Callable[[list[int], list[str]], None]
 
 
+class BackfillStopped(Exception):
+    """A backfill stopped by a database or Redis outage; the lines before `line` are loaded."""
+
+    def __init__(self, line: int, stats: IntakeStats, cause: Exception) -> None:
+        super().__init__(f"stopped at line {line}: {type(cause).__name__}: {cause}"[:500])
+        self.line = line
+        self.stats = stats
+
+
 def backfill_item(line: str, producer: str) -> tuple[object, str | None] | None:
     """What one line of a backfill file asks for, as (payload, message kind): a bare URL is
-    an ingest_url message from `producer`; a line starting with `{` is a producer message
-    in JSON that names its own `type`. None for a blank line or a `#` comment."""
+    an ingest_url message from `producer`, for the URL's canonical form (so that two
+    spellings of one URL are one submission, not a conflict); a line starting with `{` is a
+    producer message in JSON that names its own `type`. None for a blank line or a `#`
+    comment."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None
     if text.startswith("{"):
         return text, None
-    return {"version": 1, "producer": producer, "url": text}, "ingest_url"
+    return {"version": 1, "producer": producer, "url": dedup.canonicalize_url(text)}, "ingest_url"
 
 
-def backfill(ctx: pipeline.Context, lines: Iterable[str], *, source: str, producer: str,
-             send: BackfillSend, advance: Callable[[], None] = lambda: None) -> IntakeStats:
-    """Accept each line of a backfill file as a producer message (via `backfill`, source_ref
-    `<source>:<line number>`), sending the articles to process and the rounds to relink in
-    batches after they committed. Running the same file again adds nothing: URLs keep their
-    idempotency keys, and a bad line's dead letter is kept once."""
+def read_lines(stream: BinaryIO, limit: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of a byte stream, each cut to `limit` + 1 bytes, with the line's whole size:
+    a line longer than `limit` is never held whole (the rest is read and dropped)."""
+    while line := stream.readline(limit + 1):
+        size = len(line)
+        while size > limit and not line.endswith(b"\n"):
+            more = stream.readline(1 << 20)
+            if not more:
+                break
+            size += len(more)
+            if more.endswith(b"\n"):
+                break
+        yield line, size
+
+
+def backfill(ctx: pipeline.Context, stream: BinaryIO, *, source: str, producer: str,
+             send: BackfillSend, advance: Callable[[int], None] = lambda n: None) -> IntakeStats:
+    """Accept each line of a backfill file as a producer message, via `backfill`, and send
+    the articles to process and the rounds to relink in batches after they committed.
+
+    A line's source_ref is `<source>:<line number>:<hash of the line>`: loading the file again
+    records no second dead letter for a bad line, and an edited line is a new one. Loading it
+    again adds nothing else either: URLs keep their idempotency keys. `advance` is told the
+    bytes of each line read. A database or Redis outage raises BackfillStopped."""
+    limit = ctx.settings.message_max_bytes
     stats = IntakeStats()
     articles: list[int] = []
     rounds: list[str] = []
+
+    number = 0
+
+    def flush() -> None:
+        batch, relink = articles[:], list(dict.fromkeys(rounds))
+        articles.clear()
+        rounds.clear()
+        try:
+            send(batch, relink)
+        except Exception as exc:  # Redis away or full: the sweeper sends the rest
+            raise BackfillStopped(number, stats, exc) from exc
+
     try:
-        for number, line in enumerate(lines, 1):
-            item = backfill_item(line, producer)
-            if item is not None:
-                outcome = accept_safely(ctx, item[0], kind=item[1], via="backfill",
-                                        source_ref=f"{source}:{number}"[-200:])
+        for number, (raw, size) in enumerate(read_lines(stream, limit), 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+            ref = f"{source}:{number}:{hashlib.sha256(raw).hexdigest()[:12]}"[-200:]
+            outcome = _backfill_line(ctx, raw, size, limit, producer=producer, ref=ref)
+            if outcome is not None:
                 stats.add(outcome.outcome if outcome.reason is None
                           else f"{outcome.outcome}:{outcome.reason}")
                 articles.extend(outcome.enqueue)
                 rounds.extend(outcome.relink)
                 if len(articles) >= BACKFILL_SEND_EVERY:
-                    send(articles, list(dict.fromkeys(rounds)))
-                    articles, rounds = [], []
-            advance()
-    finally:
-        send(articles, list(dict.fromkeys(rounds)))  # what committed, even if a line failed
+                    flush()
+            advance(size)
+        flush()
+    except psycopg.OperationalError as exc:
+        flush()  # what committed before the database went away
+        raise BackfillStopped(number, stats, exc) from exc
     return stats
+
+
+def _backfill_line(ctx: pipeline.Context, raw: bytes, size: int, limit: int, *,
+                   producer: str, ref: str) -> pipeline.IntakeOutcome | None:
+    """Accept one line (None if blank or a comment); an oversized or non-UTF-8 line is a dead
+    letter that keeps the line's bytes."""
+    if size > limit:
+        return pipeline.reject_message(ctx, raw[:limit], InvalidMessage(
+            "too_large", f"a line of {size} bytes; the limit is {limit}"),
+            via="backfill", source_ref=ref)
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return pipeline.reject_message(ctx, raw, InvalidMessage(
+            "invalid_value", f"the line is not UTF-8 text: {exc}"[:300]),
+            via="backfill", source_ref=ref)
+    item = backfill_item(line, producer)
+    if item is None:
+        return None
+    return accept_safely(ctx, item[0], kind=item[1], via="backfill", source_ref=ref)
 
 
 def _fields_json(fields: dict[bytes, bytes]) -> bytes:

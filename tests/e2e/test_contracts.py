@@ -492,8 +492,8 @@ def test_backfill_loads_an_archive_file_and_loading_it_again_adds_nothing(
     document = ingest_document_message("https://mashreq.example/archive/geneva4",
                                        producer="archive-desk")
     archive = tmp_path / "talks-archive.txt"
-    archive.write_text("\n".join([
-        "# what the desk kept of the Astana and Geneva rounds",
+    lines = [
+        "# what the desk kept of the Astana and Geneva rounds",  # after a byte order mark
         memorandum,
         "",
         closing,
@@ -502,17 +502,18 @@ def test_backfill_loads_an_archive_file_and_loading_it_again_adds_nothing(
         json.dumps(document, ensure_ascii=False),
         "ftp://archive.example/astana4.html",  # line 7: not an http(s) URL
         '{"type": "ingest_url", "version": 1,',  # line 8: cut-off JSON
-        memorandum,  # line 9: the same URL again
-    ]) + "\n", encoding="utf-8")
+        memorandum + "?utm_source=archive",  # line 9: the same article, another spelling
+    ]
+    archive.write_bytes("\r\n".join(lines).encode("utf-8-sig")
+                        + b"\r\nhttps://archive.example/caf\xe9\r\n")  # line 10: Latin-1
 
     first = talkwire("backfill", str(archive))
     assert first.returncode == 0, first.stderr
-    assert "3 article(s) queued for the workers" in first.stdout
-    rows = {line.split("│")[1].strip(): int(line.split("│")[2])
-            for line in first.stdout.splitlines() if line.count("│") == 3}
-    assert rows == {"queued": 3, "stored": 1, "duplicate": 1, "dead_letter:invalid_value": 1,
-                    "dead_letter:not_json": 1}
-    assert "backfilling talks-archive.txt" in first.stderr  # the progress bar
+    assert "backfill of talks-archive.txt: 3 article(s) queued for the workers" in first.stdout
+    assert outcome_counts(first.stdout) == {
+        "queued": 3, "stored": 1, "duplicate": 1, "dead_letter:invalid_value": 2,
+        "dead_letter:not_json": 1}
+    assert "backfilling talks-archive.txt" in first.stderr and "100%" in first.stderr
     # The workers fetch and store what the backfill queued.
     wait_for(lambda: stored_urls(db) == {memorandum, closing, undated,
                                          "https://mashreq.example/archive/geneva4"}, 60,
@@ -522,15 +523,25 @@ def test_backfill_loads_an_archive_file_and_loading_it_again_adds_nothing(
     # The Turkish page carries no date: the message's hint fills it.
     assert one(db, "SELECT published_at::date::text FROM articles WHERE url = %s",
                undated) == "2017-09-15"
-    dead = db.execute("SELECT reason, source_ref FROM dead_letters ORDER BY id").fetchall()
-    assert [(reason, ref.rsplit(":", 1)[1]) for reason, ref in dead] == [
-        ("invalid_value", "7"), ("not_json", "8")]
-    assert dead[0][1].startswith(str(archive.resolve()))
+    dead = db.execute("SELECT reason, source_ref, payload FROM dead_letters ORDER BY id"
+                      ).fetchall()
+    assert [(reason, ref.rsplit(":", 2)[1]) for reason, ref, _ in dead] == [
+        ("invalid_value", "7"), ("not_json", "8"), ("invalid_value", "10")]
+    assert all(ref.startswith(str(archive.resolve()) + ":") for _, ref, _ in dead)
+    assert bytes(dead[2][2]) == b"https://archive.example/caf\xe9\r\n"  # kept as sent
 
-    before = counts(db)
+    loaded = db.execute("SELECT (SELECT count(*) FROM articles), (SELECT count(*) FROM"
+                        " submissions), (SELECT count(*) FROM dead_letters)").fetchone()
     again = talkwire("backfill", str(archive))
     assert again.returncode == 0, again.stderr
-    assert "0 article(s) queued" in again.stdout
-    assert counts(db) == before
-    assert one(db, "SELECT count(*) FROM dead_letters") == 2
+    assert "backfill of talks-archive.txt: 0 article(s) queued" in again.stdout
+    assert outcome_counts(again.stdout) == {
+        "duplicate": 5, "dead_letter:invalid_value": 2, "dead_letter:not_json": 1}
+    assert db.execute("SELECT (SELECT count(*) FROM articles), (SELECT count(*) FROM"
+                      " submissions), (SELECT count(*) FROM dead_letters)").fetchone() == loaded
 
+
+def outcome_counts(stdout: str) -> dict[str, int]:
+    """The outcome table that `talkwire backfill` prints, as {outcome: lines}."""
+    return {cells[1].strip(): int(cells[2]) for line in stdout.splitlines()
+            if len(cells := line.split("│")) == 4 and cells[2].strip().isdigit()}
