@@ -159,7 +159,7 @@ class Intake:
 
 
 def accept_safely(ctx: pipeline.Context, payload: object, *, kind: str | None, via: str,
-                  source_ref: str) -> pipeline.IntakeOutcome:
+                  source_ref: str | None) -> pipeline.IntakeOutcome:
     """pipeline.accept_message, with a bug on one message dead-lettered as internal_error
     instead of stopping the intake; a database or Redis outage is raised."""
     try:
@@ -169,7 +169,8 @@ def accept_safely(ctx: pipeline.Context, payload: object, *, kind: str | None, v
     except Exception as exc:  # noqa: BLE001 - one bad message must not stop the intake
         _LOG.exception("intake failed on a message", extra={"via": via, "source_ref": source_ref})
         return pipeline.reject_message(
-            ctx, payload, InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}"[:500]),
+            ctx, payload, InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}"[:500],
+                                         kind=kind),
             via=via, source_ref=source_ref)
 
 
@@ -186,7 +187,6 @@ class BackfillStopped(Exception):
 
     def __init__(self, line: int, stats: IntakeStats, cause: Exception) -> None:
         super().__init__(f"stopped at line {line}: {type(cause).__name__}: {cause}"[:500])
-        self.line = line
         self.stats = stats
 
 
@@ -232,7 +232,6 @@ def backfill(ctx: pipeline.Context, stream: BinaryIO, *, source: str, producer: 
     stats = IntakeStats()
     articles: list[int] = []
     rounds: list[str] = []
-
     number = 0
 
     def flush() -> None:

@@ -23,6 +23,7 @@ from worker import pipeline, store
 from worker.celery_app import POLL_QUEUE, PROCESS_QUEUE, publish_with_backoff
 from worker.contracts import InvalidMessage, sniff_producer
 from worker.errors import Overrun
+from worker.intake import accept_safely
 from worker.logs import log_outcome
 
 _LOG = logging.getLogger("talkwire.intake")
@@ -415,15 +416,9 @@ def accept_task_message(task: Task, kind: str, args: tuple[object, ...],
             ctx, {"args": list(args), "kwargs": kwargs}, InvalidMessage(
                 "bad_arguments", f"expected one message argument, got {len(args)} positional "
                 f"and {sorted(kwargs)[:5]} keyword", kind=kind), via=via, source_ref=ref)
-    try:
-        outcome = pipeline.accept_message(ctx, payload, kind=kind, via=via, source_ref=ref)
-    except psycopg.OperationalError:
-        raise  # the database is away: the caller retries; nothing was committed
-    except Exception as exc:  # noqa: BLE001 - bad input must never crash a worker (issue 7)
-        _log_internal_error(exc, via, ref)
-        return pipeline.reject_message(ctx, payload, InvalidMessage(
-            "internal_error", f"{type(exc).__name__}: {exc}"[:500], kind=kind),
-            via=via, source_ref=ref)
+    # A database outage is raised (the caller retries; nothing was committed); a bug on one
+    # message is dead-lettered as internal_error: bad input must never crash a worker.
+    outcome = accept_safely(ctx, payload, kind=kind, via=via, source_ref=ref)
     enqueue_followups(outcome)
     return outcome
 
